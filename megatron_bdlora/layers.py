@@ -1,0 +1,282 @@
+"""Megatron Column/RowParallelLinear with LoRA branches in any sharding mode (block_diagonal, slora, replicated).
+
+The LoRA branch is added inside `_forward_impl`, i.e. on the rank's local input and before any output
+collective of the base layer:
+- row layers: the LoRA partial joins the base partial sum before the base layer's single all-reduce;
+- column layers: the base layer's input-gradient all-reduce is moved to megatron's copy-to-region on the
+  input, so base and LoRA input gradients are summed first and reduced once.
+
+A fused column layer (qkv, gate/up) carries one adapter per sub-projection (as PEFT does); their outputs are
+interleaved into megatron's fused layout in `groups` groups (query groups for qkv, 1 for [gate; up]).
+
+Adapters are stacks of `slots` (training: 1); a serving engine selects a slot per token with
+`set_lora_slots`, reusing the same sharding arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from torch import nn
+
+from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
+from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.ops import apply_factor, scale_rows
+from megatron_bdlora.sharding import FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
+
+
+def init_lora_a(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """The full master A: kaiming-uniform (a=sqrt(5), PEFT's default) from a seeded CPU generator."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound)
+
+
+def adapter_seed(master_seed: int, name: str) -> int:
+    """Stable per-adapter seed, independent of TP degree and process."""
+    return zlib.crc32(f"{master_seed}/{name}".encode())
+
+
+class LoRAAdapter(nn.Module):
+    """One sub-projection's adapter on one TP rank: slices of A and B as the plan dictates."""
+
+    def __init__(
+        self,
+        plan: ShardingPlan,
+        settings: LoRASettings,
+        tp_rank: int,
+        tp_group: torch.distributed.ProcessGroup,
+        seed: int,
+        slots: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.tp_rank = tp_rank
+        self.tp_group = tp_group
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.zeros(slots, *plan.a.local_shape, dtype=dtype))  # [slots, r?, in?]
+        self.lora_B = nn.Parameter(torch.zeros(slots, *plan.b.local_shape, dtype=dtype))  # [slots, out?, r?]
+        self.register_buffer("scaling", torch.full((slots,), settings.scaling, dtype=torch.float32))
+        for param, shard in ((self.lora_A, plan.a), (self.lora_B, plan.b)):
+            # megatron's attributes: dim +1 because of the leading slot dim
+            split = shard.split_dim is not None and plan.tp > 1
+            set_tensor_model_parallel_attributes(param, split, (shard.split_dim or 0) + 1, 1)
+        with torch.no_grad():
+            a_full = init_lora_a(plan.a.full_shape, seed)
+            self.lora_A[:] = plan.a.shard(a_full, tp_rank).to(dtype)
+
+    def _factor(self, param: torch.Tensor, shard: FactorShard) -> torch.Tensor:
+        return sum_grad_over_tp(param, self.tp_group) if shard.replicated else param
+
+    def shrink(self, x: torch.Tensor, slot_ids: torch.Tensor | None) -> torch.Tensor:
+        """[..., in_local] -> [..., r_local] (this rank's piece of A x, before any collective)."""
+        a = self._factor(self.lora_A, self.plan.a)
+        return apply_factor(self.dropout(x), a, self.plan.a.local_blocks, slot_ids)
+
+    def expand(self, z: torch.Tensor, slot_ids: torch.Tensor | None) -> torch.Tensor:
+        """[..., r] -> [..., out_local]: the scaled LoRA contribution to this rank's output (slice)."""
+        b = self._factor(self.lora_B, self.plan.b)
+        return apply_factor(scale_rows(z, self.scaling, slot_ids), b, self.plan.b.local_blocks, slot_ids)
+
+    @torch.no_grad()
+    def load_full_factors(self, a_full: torch.Tensor, b_full: torch.Tensor, slot: int = 0, scaling: float | None = None) -> None:
+        """Set a slot from the full stored forms (PEFT layout); each rank keeps its slice."""
+        self.lora_A[slot] = self.plan.a.shard(a_full, self.tp_rank).to(self.lora_A.dtype)
+        self.lora_B[slot] = self.plan.b.shard(b_full, self.tp_rank).to(self.lora_B.dtype)
+        if scaling is not None:
+            self.scaling[slot] = scaling
+
+    @torch.no_grad()
+    def gather_full_factors(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full stored forms of A and B, assembled from every TP rank (collective)."""
+        return tuple(  # type: ignore[return-value]
+            shard.unshard(_all_gather_list(param[slot], self.tp_group)) if shard.split_dim is not None else param[slot].clone()
+            for param, shard in ((self.lora_A, self.plan.a), (self.lora_B, self.plan.b))
+        )
+
+    @torch.no_grad()
+    def local_delta(self, slot: int = 0) -> torch.Tensor:
+        """This rank's scaled dense weight update, shaped like the rank's slice of this sub-projection."""
+        a, b = self.lora_A[slot], self.lora_B[slot]
+        if self.plan.merge_gather == "A":
+            a = all_gather_dim0(a, self.tp_group)
+        elif self.plan.merge_gather == "B":
+            b = all_gather_dim0(b, self.tp_group)
+        a_dense = packed_to_block_diagonal(a, self.plan.a.local_blocks)
+        b_dense = packed_to_block_diagonal(b, self.plan.b.local_blocks)
+        return (b_dense.double() @ a_dense.double()) * self.scaling[slot].item()
+
+
+def _all_gather_list(t: torch.Tensor, group: torch.distributed.ProcessGroup) -> list[torch.Tensor]:
+    if group.size() == 1:
+        return [t.clone()]
+    out = [torch.empty_like(t) for _ in range(group.size())]
+    torch.distributed.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+@dataclass(frozen=True)
+class LoRALayerSpec:
+    """What a parallel linear layer needs to carry adapters: settings, sub-projections, output grouping."""
+
+    settings: LoRASettings
+    projections: tuple[tuple[str, int], ...]  # (name, full d_out) of each sub-projection, in fused order
+    # the fused output is `groups` groups, each [proj0 | proj1 | ...]: qkv has its query groups; None means one
+    # group per TP rank, as megatron lays out [gate; up] (rank r holds [gate_r | up_r])
+    groups: int | None = None
+    layer_name: str = "layer"  # seeds the TP-invariant initialisation
+    slots: int = 1
+    freeze_base: bool = True
+
+
+class _LoRAParallelMixin:
+    """Shared LoRA machinery of both parallel layer kinds; the kind decides the plan, nothing else."""
+
+    kind: LayerKind
+
+    def _init_lora(self, spec: LoRALayerSpec, d_in: int) -> None:
+        from megatron.core.utils import get_pg_rank, get_pg_size
+
+        if self.config.sequence_parallel and self.kind is LayerKind.COLUMN:
+            raise ValueError("LoRA column layers need sequence_parallel=False (the LoRA input must be the full sequence)")
+        tp, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
+        groups = tp if spec.groups is None else spec.groups
+        if groups < 1 or groups % tp:
+            raise ValueError(f"{spec.layer_name}: output groups={groups} not divisible by tp={tp}")
+        self.lora_spec = spec
+        self.lora_local_groups = groups // tp
+        self.lora_merged = False
+        self.lora_enabled = True
+        self.lora_slot_ids: torch.Tensor | None = None
+        nblocks = spec.settings.nblocks_for(tp)
+        self.lora = nn.ModuleDict()
+        for name, d_out in spec.projections:
+            if d_out % groups:
+                raise ValueError(f"{spec.layer_name}.{name}: d_out={d_out} not divisible into {groups} groups")
+            plan = ShardingPlan.build(self.kind, spec.settings.mode, d_in, d_out, spec.settings.rank, tp, nblocks)
+            self.lora[name] = LoRAAdapter(
+                plan,
+                spec.settings,
+                tp_rank,
+                self.tp_group,
+                adapter_seed(spec.settings.seed, f"{spec.layer_name}.{name}"),
+                spec.slots,
+                self.config.params_dtype,
+            )
+        if spec.freeze_base:
+            for p in (self.weight, self.bias):
+                if p is not None:
+                    p.requires_grad_(False)
+
+    def set_lora_slots(self, slot_ids: torch.Tensor | None) -> None:
+        """Per-token adapter slot for the next forwards ([tokens], -1 = base only); None = slot 0 everywhere."""
+        self.lora_slot_ids = slot_ids
+
+    def _combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Interleave sub-projection outputs into the fused layout: per group, [proj0 | proj1 | ...]."""
+        if len(outputs) == 1:
+            return outputs[0]
+        g = self.lora_local_groups
+        grouped = [o.reshape(*o.shape[:-1], g, o.shape[-1] // g) for o in outputs]  # [..., g, out_s/g]
+        fused = torch.cat(grouped, dim=-1)  # [..., g, sum out_s/g]
+        return fused.reshape(*fused.shape[:-2], -1)
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's LoRA contribution to the base layer's local output (partial sum for row layers)."""
+        adapters = list(self.lora.values())
+        slots = self.lora_slot_ids
+        plan = adapters[0].plan
+        zs = gather_rank_intermediates([ad.shrink(x, slots) for ad in adapters], plan.collective, self.tp_group)
+        y = self._combine([ad.expand(z, slots) for ad, z in zip(adapters, zs)])
+        if plan.output_is_slice:  # row S-LoRA: place this rank's d_out/tp slice in the full partial
+            width = y.shape[-1]
+            y = F.pad(y, (adapters[0].tp_rank * width, (plan.tp - 1 - adapters[0].tp_rank) * width))
+        return y
+
+    def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 (megatron's signature)
+        base = super()._forward_impl(input, weight, *args, **kwargs)
+        if self.lora_merged or not self.lora_enabled:
+            return base
+        return base + self.lora_forward(input).to(base.dtype)
+
+    @torch.no_grad()
+    def lora_weight_delta(self, slot: int = 0) -> torch.Tensor:
+        """This rank's scaled dense update to its base weight shard (float64)."""
+        deltas = [ad.local_delta(slot) for ad in self.lora.values()]
+        if self.kind is LayerKind.COLUMN:  # rows of each sub-projection interleave like the outputs
+            return self._combine([d.t() for d in deltas]).t()
+        return deltas[0]
+
+    @torch.no_grad()
+    def merge_lora(self, slot: int = 0) -> None:
+        """Fold an adapter into the base weight shard (serving a single adapter at base-model cost)."""
+        if self.lora_merged:
+            raise RuntimeError("LoRA already merged")
+        self.weight.add_(self.lora_weight_delta(slot).to(self.weight.dtype))
+        self.lora_merged, self.lora_merged_slot = True, slot
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        """Undo `merge_lora` (restores the base weight up to rounding)."""
+        if not self.lora_merged:
+            raise RuntimeError("LoRA is not merged")
+        self.weight.sub_(self.lora_weight_delta(self.lora_merged_slot).to(self.weight.dtype))
+        self.lora_merged = False
+
+
+class LoRAColumnParallelLinear(_LoRAParallelMixin, ColumnParallelLinear):
+    """ColumnParallelLinear (q/k/v, gate/up) with LoRA; BD mode adds no communication at all."""
+
+    kind = LayerKind.COLUMN
+
+    def __init__(self, input_size: int, output_size: int, *, lora: LoRALayerSpec, **kwargs) -> None:
+        super().__init__(input_size, output_size, **kwargs)
+        if sum(d for _, d in lora.projections) != output_size:
+            raise ValueError(f"{lora.layer_name}: sub-projection sizes {lora.projections} do not sum to {output_size}")
+        # one input-gradient all-reduce for base + LoRA: forward() then routes the input through
+        # copy_to_tensor_model_parallel_region instead of reducing inside the base matmul's backward
+        self.allreduce_dgrad = False
+        self._init_lora(lora, input_size)
+
+
+class LoRARowParallelLinear(_LoRAParallelMixin, RowParallelLinear):
+    """RowParallelLinear (o, down) with LoRA; the LoRA partial rides the base layer's all-reduce."""
+
+    kind = LayerKind.ROW
+
+    def __init__(self, input_size: int, output_size: int, *, lora: LoRALayerSpec, **kwargs) -> None:
+        super().__init__(input_size, output_size, **kwargs)
+        if len(lora.projections) != 1 or lora.projections[0][1] != output_size:
+            raise ValueError(f"{lora.layer_name}: a row layer takes one projection of d_out={output_size}, got {lora.projections}")
+        self._init_lora(lora, input_size)
+
+
+def make_parallel_linear(
+    kind: LayerKind | str,
+    d_in: int,
+    d_out: int,
+    config,
+    lora: LoRALayerSpec | None = None,
+    init_method=None,
+) -> ColumnParallelLinear | RowParallelLinear:
+    """A stand-alone TP linear layer (no bias) of either kind, with or without LoRA (benchmarks, tests)."""
+    kind = LayerKind(kind)
+    init = init_method or (lambda w: torch.nn.init.normal_(w, std=0.02))
+    common = dict(config=config, init_method=init, bias=False)
+    if kind is LayerKind.COLUMN:
+        cls = LoRAColumnParallelLinear if lora else ColumnParallelLinear
+        extra = dict(gather_output=False)
+    else:
+        cls = LoRARowParallelLinear if lora else RowParallelLinear
+        extra = dict(input_is_parallel=True, skip_bias_add=False)
+    layer = cls(d_in, d_out, **common, **extra, **({"lora": lora} if lora else {}))
+    if lora is None:
+        layer.weight.requires_grad_(False)  # the frozen base a LoRA layer is compared against
+    return layer
