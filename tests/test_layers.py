@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_distributed
+from megatron_bdlora.local_ranks import run_distributed
 
 MODES = ("block_diagonal", "slora", "replicated")
 KINDS = ("column", "row")

@@ -1,4 +1,7 @@
-"""Run a function on N spawned gloo ranks (127.0.0.1, free port) and collect each rank's return value."""
+"""Spawn N local gloo ranks (127.0.0.1, a free port) running one function; collect each rank's return value.
+
+Used by the tests and the single-machine benchmarks; real jobs are launched with torchrun or srun.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A TCP port nobody listens on now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
