@@ -52,7 +52,6 @@ class LoRAAdapter(nn.Module):
         settings: LoRASettings,
         tp_rank: int,
         tp_group: torch.distributed.ProcessGroup,
-        seed: int,
         slots: int = 1,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -68,9 +67,13 @@ class LoRAAdapter(nn.Module):
             # megatron's attributes: dim +1 because of the leading slot dim
             split = shard.split_dim is not None and plan.tp > 1
             set_tensor_model_parallel_attributes(param, split, (shard.split_dim or 0) + 1, 1)
-        with torch.no_grad():
-            a_full = init_lora_a(plan.a.full_shape, seed)
-            self.lora_A[:] = plan.a.shard(a_full, tp_rank).to(dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """PEFT's init, TP-invariant: A sliced from one seeded full master tensor, B zero (slot 0; others empty)."""
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+        self.lora_A[0] = self.plan.a.shard(init_lora_a(self.plan.a.full_shape, seed), self.tp_rank).to(self.lora_A.dtype)
 
     def _factor(self, param: torch.Tensor, shard: FactorShard) -> torch.Tensor:
         return sum_grad_over_tp(param, self.tp_group) if shard.replicated else param
@@ -157,32 +160,46 @@ class _LoRAParallelMixin:
         self.lora_slot_ids: torch.Tensor | None = None
         nblocks = spec.settings.nblocks_for(tp)
         self.lora = nn.ModuleDict()
+        # every sub-projection's local output width (untargeted ones contribute zeros to the fused output)
+        self.lora_local_widths = {}
         for name, d_out in spec.projections:
             if d_out % groups:
                 raise ValueError(f"{spec.layer_name}.{name}: d_out={d_out} not divisible into {groups} groups")
+            self.lora_local_widths[name] = d_out // tp if self.kind is LayerKind.COLUMN else d_out
+            if name not in spec.settings.targets:
+                continue
             plan = ShardingPlan.build(self.kind, spec.settings.mode, d_in, d_out, spec.settings.rank, tp, nblocks)
             self.lora[name] = LoRAAdapter(
-                plan,
-                spec.settings,
-                tp_rank,
-                self.tp_group,
-                adapter_seed(spec.settings.seed, f"{spec.layer_name}.{name}"),
-                spec.slots,
-                self.config.params_dtype,
+                plan, spec.settings, tp_rank, self.tp_group, spec.slots, self.config.params_dtype
             )
+        if not len(self.lora):
+            raise ValueError(f"{spec.layer_name}: none of {[n for n, _ in spec.projections]} is a LoRA target")
+        self.reset_lora_parameters(spec.layer_name)
         if spec.freeze_base:
             for p in (self.weight, self.bias):
                 if p is not None:
                     p.requires_grad_(False)
 
+    def reset_lora_parameters(self, layer_name: str) -> None:
+        """Re-draw every adapter from its own seed (`master seed / layer_name.proj`), the same at any TP."""
+        for name, ad in self.lora.items():
+            ad.reset_parameters(adapter_seed(self.lora_spec.settings.seed, f"{layer_name}.{name}"))
+
     def set_lora_slots(self, slot_ids: torch.Tensor | None) -> None:
         """Per-token adapter slot for the next forwards ([tokens], -1 = base only); None = slot 0 everywhere."""
         self.lora_slot_ids = slot_ids
 
-    def _combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """Interleave sub-projection outputs into the fused layout: per group, [proj0 | proj1 | ...]."""
-        if len(outputs) == 1:
-            return outputs[0]
+    def _combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Interleave sub-projection outputs into the fused layout: per group, [proj0 | proj1 | ...].
+
+        outputs[name]: [..., width of name]; untargeted sub-projections are filled with zeros.
+        """
+        if len(self.lora_local_widths) == 1:
+            return next(iter(outputs.values()))
+        like = next(iter(outputs.values()))
+        outputs = [
+            outputs[n] if n in outputs else like.new_zeros(*like.shape[:-1], w) for n, w in self.lora_local_widths.items()
+        ]
         g = self.lora_local_groups
         grouped = [o.reshape(*o.shape[:-1], g, o.shape[-1] // g) for o in outputs]  # [..., g, out_s/g]
         fused = torch.cat(grouped, dim=-1)  # [..., g, sum out_s/g]
@@ -194,7 +211,7 @@ class _LoRAParallelMixin:
         slots = self.lora_slot_ids
         plan = adapters[0].plan
         zs = gather_rank_intermediates([ad.shrink(x, slots) for ad in adapters], plan.collective, self.tp_group)
-        y = self._combine([ad.expand(z, slots) for ad, z in zip(adapters, zs)])
+        y = self._combine({name: ad.expand(z, slots) for (name, ad), z in zip(self.lora.items(), zs)})
         if plan.output_is_slice:  # row S-LoRA: place this rank's d_out/tp slice in the full partial
             width = y.shape[-1]
             y = F.pad(y, (adapters[0].tp_rank * width, (plan.tp - 1 - adapters[0].tp_rank) * width))
@@ -209,10 +226,8 @@ class _LoRAParallelMixin:
     @torch.no_grad()
     def lora_weight_delta(self, slot: int = 0) -> torch.Tensor:
         """This rank's scaled dense update to its base weight shard (float64)."""
-        deltas = [ad.local_delta(slot) for ad in self.lora.values()]
-        if self.kind is LayerKind.COLUMN:  # rows of each sub-projection interleave like the outputs
-            return self._combine([d.t() for d in deltas]).t()
-        return deltas[0]
+        deltas = {name: ad.local_delta(slot).t() for name, ad in self.lora.items()}  # [in, out_s]
+        return self._combine(deltas).t()  # rows of each sub-projection interleave like the outputs
 
     @torch.no_grad()
     def merge_lora(self, slot: int = 0) -> None:

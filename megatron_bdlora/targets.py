@@ -26,7 +26,7 @@ class Projection:
     d_out: int
 
 
-def _cfg(hf_config: Any, key: str, default: Any = None) -> Any:
+def cfg_field(hf_config: Any, key: str, default: Any = None) -> Any:
     """A config field (object or dict); a missing required field is a ValueError naming it."""
     value = hf_config.get(key) if isinstance(hf_config, dict) else getattr(hf_config, key, None)
     if value is None:
@@ -38,11 +38,11 @@ def _cfg(hf_config: Any, key: str, default: Any = None) -> Any:
 
 def llama_projections(hf_config: Any) -> dict[str, Projection]:
     """The seven projections of one layer with their (d_in, d_out), from an HF LlamaConfig (object or dict)."""
-    h = _cfg(hf_config, "hidden_size")
-    heads = _cfg(hf_config, "num_attention_heads")
-    kv = _cfg(hf_config, "num_key_value_heads", heads)
-    hd = _cfg(hf_config, "head_dim", h // heads)
-    ffn = _cfg(hf_config, "intermediate_size")
+    h = cfg_field(hf_config, "hidden_size")
+    heads = cfg_field(hf_config, "num_attention_heads")
+    kv = cfg_field(hf_config, "num_key_value_heads", heads)
+    hd = cfg_field(hf_config, "head_dim", h // heads)
+    ffn = cfg_field(hf_config, "intermediate_size")
     col, row = LayerKind.COLUMN, LayerKind.ROW
     rows = [
         ("q_proj", "linear_qkv", "self_attn", col, h, heads * hd),

@@ -57,7 +57,8 @@ def _spec(mode, rank, nblocks, d_out, alpha=6.0, rslora=False, seed=0):
     from megatron_bdlora.layers import LoRALayerSpec
 
     settings = LoRASettings(rank=rank, alpha=alpha, use_rslora=rslora, mode=mode, nblocks=nblocks, seed=seed)
-    return LoRALayerSpec(settings, (("proj", d_out),), layer_name="test")
+    # one sub-projection; its name only has to be a LoRA target
+    return LoRALayerSpec(settings, (("q_proj", d_out),), layer_name="test")
 
 
 def _build(info, kind, mode, d_in, d_out, rank, nblocks, t, rslora=False):
@@ -69,7 +70,7 @@ def _build(info, kind, mode, d_in, d_out, rank, nblocks, t, rslora=False):
     with torch.no_grad():
         dim = 0 if kind == "column" else 1
         layer.weight.copy_(t["w"].chunk(info.tp_size, dim=dim)[info.tp_rank].float())
-        layer.lora["proj"].load_full_factors(t["a"].float(), t["b"].float())
+        layer.lora["q_proj"].load_full_factors(t["a"].float(), t["b"].float())
     return layer
 
 
@@ -93,7 +94,7 @@ def forward_backward_worker(info, cases):
         x, dy = _local_input(kind, t, info)
         y, _ = layer(x)
         y.backward(dy)
-        ad = layer.lora["proj"]
+        ad = layer.lora["q_proj"]
         out.append(dict(y=y.detach(), dx=x.grad, da=ad.lora_A.grad[0], db=ad.lora_B.grad[0], base_grad=layer.weight.grad))
     return out
 
@@ -169,7 +170,7 @@ def collective_count_worker(info, d_in, d_out, rank):
             layer = make_parallel_linear(kind, d_in, d_out, cfg, _spec(mode, rank, None, d_out) if mode else None)
             if mode:  # non-zero B so every path carries gradient
                 with torch.no_grad():
-                    layer.lora["proj"].lora_B.normal_()
+                    layer.lora["q_proj"].lora_B.normal_()
             local_in = d_in if kind == "column" else d_in // info.tp_size
             x = torch.randn(3, 2, local_in, requires_grad=True)
             with count_collectives() as fwd:
@@ -213,7 +214,7 @@ def train_steps_worker(info, kind, mode, nblocks, steps):
     d_in, d_out, rank = 16, 24, 4
     torch.manual_seed(7)  # base weight init: megatron draws the full master weight, then slices
     layer = make_parallel_linear(kind, d_in, d_out, _config(info.tp_size), _spec(mode, rank, nblocks, d_out, seed=11))
-    ad = layer.lora["proj"]
+    ad = layer.lora["q_proj"]
     initial = ad.gather_full_factors()
     opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(3)
