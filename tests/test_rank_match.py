@@ -151,7 +151,7 @@ def test_cli_json_from_hf_config_file(tmp_path):
         (["--hf-config", "/nonexistent/config.json"], "cannot read HF config"),
         (["--hf-config", "{bad_json}"], "not valid JSON"),
         (["--model", "llama-3.1-8b", "--targets", "q_proj,foo_proj"], "unknown LoRA target(s) ['foo_proj']"),
-        (["--model", "llama-3.1-8b", "--nblocks", "8", "--rank", "12"], "rank=12 is not divisible by nblocks=8"),
+        (["--model", "llama-3.1-8b", "--nblocks", "8", "--rank", "0"], "rank"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_message_and_no_traceback(tmp_path, args, message):
@@ -161,3 +161,13 @@ def test_cli_bad_input_exits_nonzero_with_message_and_no_traceback(tmp_path, arg
     assert res.returncode != 0
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_rows_without_a_block_divisible_rank_are_left_out():
+    """LoRA rank 8 at N=3: BD r, 2r and 4r are not multiples of 3, only the matched rank (12) is listed."""
+    rows = comparison_rows(BUILTIN_CONFIGS["smollm2-135m"], ALL, 3, 8)
+    assert [(r.label, r.rank) for r in rows] == [("LoRA r", 8), ("BD matched", 12)]
+    # SmolLM2: d 576, ffn 1536, 9 heads x 64, 3 KV heads x 64, 30 layers
+    q, kv, o, gu, down = (576, 576), (576, 192), (576, 576), (576, 1536), (1536, 576)
+    bd = 30 * 12 * (q[0] + q[1] / 3 + 2 * (kv[0] + kv[1] / 3) + o[0] / 3 + o[1] + 2 * (gu[0] + gu[1] / 3) + down[0] / 3 + down[1])
+    assert rows[1].parameters == bd

@@ -1,0 +1,265 @@
+"""Llama-architecture megatron-core GPTModel built from a Hugging Face config, with LoRA on any of the seven projections.
+
+Megatron's local layer spec (no transformer-engine): RMSNorm, SwiGLU with [gate; up] fused in `linear_fc1`,
+RoPE (rotate-half, the config's theta, Llama-3.1 frequency scaling), grouped-query attention.
+
+Fused layouts and where each HF projection's adapter sits (TP degree N, rank i, G = KV heads):
+- linear_qkv [(q + 2 kv) / N, h]: rank i holds query groups i*G/N .. (i+1)*G/N; per group g its H/G q heads,
+  then k head g, then v head g. q_proj/k_proj/v_proj keep separate adapters; each adapter's rank-i output
+  slice is exactly the heads of rank i's groups, so a block-diagonal B (nblocks a multiple of N) lines up
+  with the shard. The three outputs are interleaved per query group into the fused layout.
+- linear_fc1 [2 ffn / N, h]: rank i holds [gate rows chunk i | up rows chunk i]; gate_proj and up_proj
+  keep separate adapters, concatenated per rank.
+- linear_proj (o_proj) and linear_fc2 (down_proj): row-parallel, one adapter each.
+TP must divide the KV heads: otherwise heads would be replicated and block structures would not line up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.layers import LoRAColumnParallelLinear, LoRALayerSpec, LoRARowParallelLinear, _LoRAParallelMixin
+from megatron_bdlora.targets import cfg_field, llama_projections
+
+# megatron layer -> HF projections it fuses, in fused order
+FUSED = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_llama_config(hf_config: dict, tp: int) -> None:
+    """Reject what the builder cannot represent exactly, naming the field and value."""
+    model_type = hf_config.get("model_type")
+    archs = hf_config.get("architectures") or ["LlamaForCausalLM"]
+    if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+        raise ValueError(f"not a Llama checkpoint: model_type={model_type!r}, architectures={archs}")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf_config.get(key):
+            raise ValueError(f"{key}=true is not supported (Llama without biases only)")
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf_config['hidden_act']!r} is not supported (silu only)")
+    heads = cfg_field(hf_config, "num_attention_heads")
+    kv = cfg_field(hf_config, "num_key_value_heads", heads)
+    if heads % tp or kv % tp:
+        raise ValueError(
+            f"tp={tp} must divide num_attention_heads={heads} and num_key_value_heads={kv} "
+            "(KV heads replicated over TP ranks would break the block-diagonal layout)"
+        )
+    _rope_scaling(hf_config)
+
+
+def _rope_scaling(hf_config: dict) -> tuple[bool, float]:
+    """(enabled, factor) for megatron's Llama-3.1 RoPE scaling; other schemes are rejected."""
+    rs = hf_config.get("rope_scaling") or (hf_config.get("rope_parameters") or {})
+    kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+    if kind == "default":
+        return False, 1.0
+    if kind == "llama3" and (
+        rs.get("low_freq_factor", 1.0),
+        rs.get("high_freq_factor", 4.0),
+        rs.get("original_max_position_embeddings", 8192),
+    ) == (1.0, 4.0, 8192):
+        return True, float(rs["factor"])
+    raise ValueError(f"rope_scaling {rs} is not supported (default or Llama-3.1 'llama3' scaling only)")
+
+
+def _rope_theta(hf_config: dict) -> float:
+    params = hf_config.get("rope_parameters") or {}
+    return float(hf_config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def transformer_config(hf_config: dict, tp: int, dtype: str = "float32") -> TransformerConfig:
+    """megatron TransformerConfig equivalent to an HF LlamaConfig (dropout off, no fusions needing CUDA)."""
+    check_llama_config(hf_config, tp)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} not supported; expected one of {list(_DTYPES)}")
+    heads = hf_config["num_attention_heads"]
+    return TransformerConfig(
+        num_layers=hf_config["num_hidden_layers"],
+        hidden_size=hf_config["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf_config.get("num_key_value_heads") or heads,
+        kv_channels=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        ffn_hidden_size=hf_config["intermediate_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=False,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # weights come from a checkpoint
+        params_dtype=_DTYPES[dtype],
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _layer_spec(hf_config: dict, lora: LoRASettings | None) -> ModuleSpec:
+    """megatron's local GPT layer spec with LoRA layers swapped in where a target lives."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if lora is None:
+        return spec
+    projections = llama_projections(hf_config)
+    groups = {"linear_qkv": hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]}
+    holders = {
+        "linear_qkv": spec.submodules.self_attention.submodules,
+        "linear_proj": spec.submodules.self_attention.submodules,
+        "linear_fc1": spec.submodules.mlp.submodules,
+        "linear_fc2": spec.submodules.mlp.submodules,
+    }
+    for layer, names in FUSED.items():
+        if not set(names) & set(lora.targets):
+            continue
+        cls = LoRAColumnParallelLinear if projections[names[0]].kind.value == "column" else LoRARowParallelLinear
+        lspec = LoRALayerSpec(
+            settings=lora,
+            projections=tuple((n, projections[n].d_out) for n in names),
+            groups=groups.get(layer),
+            layer_name=layer,
+        )
+        setattr(holders[layer], layer, ModuleSpec(module=cls, params={"lora": lspec}))
+    return spec
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary padded to a multiple of TP (vocab-parallel embedding and output layer)."""
+    return -(-vocab_size // tp) * tp
+
+
+def build_model(
+    hf_config: dict, tp: int, lora: LoRASettings | None = None, dtype: str = "float32"
+) -> GPTModel:
+    """The TP-sharded model of this rank (weights uninitialised: load a checkpoint next)."""
+    config = transformer_config(hf_config, tp, dtype)
+    scaling, factor = _rope_scaling(hf_config)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(hf_config, lora),
+        vocab_size=padded_vocab_size(hf_config["vocab_size"], tp),
+        max_sequence_length=hf_config.get("max_position_embeddings", 4096),
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(hf_config.get("tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=_rope_theta(hf_config),
+        rope_scaling=scaling,
+        rope_scaling_factor=factor,
+    )
+    model.hf_config = hf_config
+    for l_idx, layer in enumerate(model.decoder.layers):
+        for module in layer.modules():
+            if isinstance(module, _LoRAParallelMixin):
+                module.reset_lora_parameters(f"layers.{l_idx}.{module.lora_spec.layer_name}")
+    return model
+
+
+def lora_layers(model: GPTModel) -> dict[tuple[int, str], tuple[_LoRAParallelMixin, str]]:
+    """(layer index, HF projection) -> (the parallel layer carrying it, projection name)."""
+    out = {}
+    for l_idx, layer in enumerate(model.decoder.layers):
+        for module in layer.modules():
+            if isinstance(module, _LoRAParallelMixin):
+                for proj in module.lora:
+                    out[(l_idx, proj)] = (module, proj)
+    return out
+
+
+def adapter_state_dict(model: GPTModel, slot: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's adapter shards under the native checkpoint keys `layers.{l}.{proj}.lora_A|B`."""
+    state = {}
+    for (l_idx, proj), (module, name) in lora_layers(model).items():
+        ad = module.lora[name]
+        state[f"layers.{l_idx}.{proj}.lora_A"] = ad.lora_A[slot].detach().clone()
+        state[f"layers.{l_idx}.{proj}.lora_B"] = ad.lora_B[slot].detach().clone()
+    return state
+
+
+@torch.no_grad()
+def load_adapter_state_dict(
+    model: GPTModel, state: dict[str, torch.Tensor], slot: int = 0, scaling: float | None = None
+) -> None:
+    """Load this rank's shards (native keys) into a slot; every key must match a LoRA layer exactly."""
+    layers = lora_layers(model)
+    expected = {f"layers.{l}.{p}.lora_{f}" for (l, p) in layers for f in "AB"}
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise ValueError(f"adapter keys do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for (l_idx, proj), (module, name) in layers.items():
+        ad = module.lora[name]
+        for f, param in (("A", ad.lora_A), ("B", ad.lora_B)):
+            key = f"layers.{l_idx}.{proj}.lora_{f}"
+            if tuple(state[key].shape) != tuple(param.shape[1:]):
+                raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape[1:])}")
+            param[slot] = state[key].to(param.dtype)
+        if scaling is not None:
+            ad.scaling[slot] = scaling
+
+
+@torch.no_grad()
+def load_base_state_dict(model: GPTModel, state: dict[str, torch.Tensor]) -> None:
+    """Load this rank's base shards; everything but LoRA parameters must be present with its exact shape."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state") and ".lora." not in k}
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"base checkpoint does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"base tensor {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        own[k].copy_(v)
+
+
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """megatron's boolean mask [b, 1, s, s] (True = hidden) from an HF padding mask [b, s] (1 = token)."""
+    b, s = attention_mask.shape
+    future = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)  # [s, s]
+    pad = ~attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]
+    return future[None, None] | pad
+
+
+def forward_logits(model: GPTModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, V] (gathered over TP, vocab padding dropped); left padding is exact."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)  # RoPE is relative: exact
+    logits = model(input_ids, position_ids, causal_mask(attention_mask), runtime_gather_output=True)
+    return logits[..., : model.hf_config["vocab_size"]]
+
+
+@torch.no_grad()
+def load_full_adapter(
+    model: GPTModel,
+    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    slot: int = 0,
+    scaling: float | None = None,
+) -> None:
+    """Load full stored factors {(layer, proj): (A, B)} (PEFT layout); each rank keeps its slices."""
+    layers = lora_layers(model)
+    if set(factors) != set(layers):
+        missing, extra = sorted(set(layers) - set(factors)), sorted(set(factors) - set(layers))
+        raise ValueError(f"adapter does not match the model's LoRA layers: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, (module, name) in layers.items():
+        try:
+            module.lora[name].load_full_factors(*factors[key], slot=slot, scaling=scaling)
+        except ValueError as err:
+            raise ValueError(f"adapter factor of layer {key[0]} {key[1]}: {err}") from None

@@ -1,0 +1,222 @@
+"""Training run configuration: a Megatron-style YAML file plus `key.sub=value` overrides, strictly checked.
+
+Every section is a dataclass; an unknown key anywhere is an error naming its full path, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any process group work."""
+
+
+@dataclass
+class ModelSection:
+    base: str = "smollm2-135m-instruct"  # the embedded default, or a Hugging Face model directory
+    random_config: dict | None = None  # build a random Llama of this shape (uses the base's tokenizer)
+    dtype: str = "float32"  # float32 | bfloat16
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    dp: int | None = None  # None: world size / tp
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+
+
+@dataclass
+class LoRASection:
+    targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    mode: str = "block_diagonal"
+    rank: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False
+    dropout: float = 0.0
+    nblocks: int | None = None  # block_diagonal only; None = tp
+
+    def settings(self, seed: int) -> LoRASettings:
+        return LoRASettings(
+            rank=self.rank,
+            alpha=self.alpha,
+            use_rslora=self.use_rslora,
+            dropout=self.dropout,
+            mode=self.mode,
+            nblocks=self.nblocks,
+            targets=tuple(self.targets),
+            seed=seed,
+        )
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleSection:
+    train_steps: int = 100
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 1  # 0, 1 or 2: optimizer state (and gradients at 2) sharded over data parallel ranks
+
+
+@dataclass
+class DataSection:
+    train: str = "data/milton/train.txt"
+    valid: str | None = None
+    format: str = "text"  # text | chat
+    seq_length: int = 128
+
+
+@dataclass
+class CheckpointSection:
+    dir: str | None = None  # default: <logging.dir>/checkpoints
+    every: int = 50  # steps between checkpoints (and always at the end); 0 = only at the end
+    keep: int = 2  # newest complete checkpoints kept
+
+
+@dataclass
+class LoggingSection:
+    dir: str = "runs/default"
+    every: int = 1
+    eval_every: int = 0  # 0 = only at the end (when data.valid is set)
+    eval_batches: int = 8
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    seed: int = 1234
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    """Instantiate a config dataclass from a mapping, rejecting unknown keys and wrong types by path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"unknown config key(s) {[f'{path}.{k}'.lstrip('.') for k in unknown]}{where}; allowed: {sorted(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        sub = f"{path}.{key}".lstrip(".")
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, sub)
+        else:
+            kwargs[key] = _coerce(value, hint, sub)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check (and gently coerce: int -> float) a scalar or list against its annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML run config and apply `key.sub=value` overrides (values parsed as YAML scalars)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        _set_path(raw, key.strip(), yaml.safe_load(value))
+    config = _build(TrainConfig, raw, "")
+    check_config(config)
+    return config
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Consistency checks that need no model files (those follow in the trainer, still before any group)."""
+    p = cfg.parallel
+    for name in ("tp", "micro_batch_size", "global_batch_size"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if cfg.lora.nblocks is not None and cfg.lora.mode == "block_diagonal" and cfg.lora.nblocks % p.tp:
+        raise ConfigError(f"lora.nblocks={cfg.lora.nblocks} is not a multiple of parallel.tp={p.tp}")
+    if cfg.data.format not in ("text", "chat"):
+        raise ConfigError(f"data.format must be 'text' or 'chat', got {cfg.data.format!r}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    if cfg.schedule.warmup_steps > cfg.schedule.train_steps:
+        raise ConfigError("schedule.warmup_steps exceeds schedule.train_steps")
+    try:
+        cfg.lora.settings(cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"lora: {err}") from None

@@ -1,0 +1,228 @@
+"""The fine-tuning run: checks and data first (no process group yet), then TP x DP model, DeepSpeed, the loop.
+
+One optimizer step = one global batch, split over data-parallel ranks and accumulation micro-batches.
+The loss is the mean over every loss token of the global batch, whatever the DP / accumulation split,
+so TP=1 x DP=2 and TP=1 x DP=1 with twice the accumulation take identical steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_bdlora.training.config import ConfigError, TrainConfig
+
+
+@dataclass
+class PreparedRun:
+    """Everything checked and loaded before any process group exists."""
+
+    cfg: TrainConfig
+    hf_dir: Path
+    megatron_dir: Path
+    hf_config: dict
+    tokenizer: Any
+    train_data: Any
+    valid_data: Any | None
+    tp: int
+    dp: int
+
+
+def prepare_run(cfg: TrainConfig, world_size: int) -> PreparedRun:
+    """Resolve the base model, validate shapes/plans and load the data; raises ConfigError/FileNotFoundError."""
+    from transformers import AutoTokenizer
+
+    from megatron_bdlora.base_models import ensure_megatron_base, resolve_hf_base
+    from megatron_bdlora.model import check_llama_config
+    from megatron_bdlora.targets import lora_plan
+    from megatron_bdlora.training.data import load_examples
+
+    tp = cfg.parallel.tp
+    if world_size % tp:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp={tp}")
+    dp = world_size // tp
+    if cfg.parallel.dp is not None and cfg.parallel.dp != dp:
+        raise ConfigError(f"parallel.dp={cfg.parallel.dp} but world size {world_size} / tp {tp} gives {dp}")
+    if cfg.parallel.global_batch_size % (cfg.parallel.micro_batch_size * dp):
+        raise ConfigError(
+            f"parallel.global_batch_size={cfg.parallel.global_batch_size} is not divisible by "
+            f"micro_batch_size={cfg.parallel.micro_batch_size} x dp={dp}"
+        )
+    for path in (cfg.data.train, cfg.data.valid):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+    hf_dir = resolve_hf_base(cfg.model.base, cfg.model.random_config, cfg.seed)
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    settings = cfg.lora.settings(cfg.seed)
+    try:
+        check_llama_config(hf_config, tp)
+        for proj in settings.targets:
+            lora_plan(hf_config, proj, settings, tp)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    train = load_examples(cfg.data.train, cfg.data.format, tokenizer, cfg.data.seq_length)
+    valid = load_examples(cfg.data.valid, cfg.data.format, tokenizer, cfg.data.seq_length) if cfg.data.valid else None
+    megatron_dir = ensure_megatron_base(hf_dir, tp)
+    return PreparedRun(cfg, hf_dir, megatron_dir, hf_config, tokenizer, train, valid, tp, dp)
+
+
+def _causal(ids: torch.Tensor) -> torch.Tensor:
+    from megatron_bdlora.model import causal_mask
+
+    return causal_mask(torch.ones_like(ids))
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token cross-entropy [b, s] from megatron's vocab-parallel loss (no logits gathered)."""
+    ids = batch["input_ids"]
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    return model(ids, pos, _causal(ids), labels=batch["labels"]).float()
+
+
+class Trainer:
+    """Holds the model, engine, sampler and logs of one run; `run()` trains to schedule.train_steps."""
+
+    def __init__(self, run: PreparedRun) -> None:
+        from megatron.core import parallel_state
+
+        from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
+        from megatron_bdlora.model import build_model, load_base_state_dict
+        from megatron_bdlora.parallel import init_parallel
+        from megatron_bdlora.training.data import GlobalBatchSampler
+        from megatron_bdlora.training.engine import build_engine
+
+        cfg = self.cfg = run.cfg
+        self.run_info = run
+        self.info = init_parallel(run.tp, seed=cfg.seed)
+        self.settings = cfg.lora.settings(cfg.seed)
+        self.model = build_model(run.hf_config, run.tp, self.settings, cfg.model.dtype)
+        load_base_state_dict(self.model, load_megatron_rank_state(run.megatron_dir, self.info.tp_rank, run.tp))
+        self.dp_group = parallel_state.get_data_parallel_group()
+        micro, dp = cfg.parallel.micro_batch_size, run.dp
+        self.grad_accum = cfg.parallel.global_batch_size // (micro * dp)
+        self.sampler = GlobalBatchSampler(
+            len(run.train_data), cfg.parallel.global_batch_size, micro, self.info.dp_rank, dp, cfg.seed
+        )
+        self.engine, self.scheduler = build_engine(self.model, cfg, self.grad_accum)
+        self.log_dir = Path(cfg.logging.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.log_dir / "checkpoints")
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- data-parallel helpers -------------------------------------------------------------------------
+    def _dp_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.dp_group)
+        return t.item()
+
+    # -- one optimizer step ----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        from megatron_bdlora.training.data import collate
+
+        micro_batches = [collate(self.run_info.train_data, idx) for idx in self.sampler.micro_batches(self.step)]
+        tokens = self._dp_sum(sum(float(b["loss_mask"].sum()) for b in micro_batches))
+        if tokens == 0:
+            raise RuntimeError(f"step {self.step}: the global batch has no loss tokens")
+        # DeepSpeed divides by accumulation steps and averages over DP: undo both so the gradient is the
+        # mean over every loss token of the global batch
+        scale = self.grad_accum * self.run_info.dp / tokens
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum = 0.0
+        self.engine.train()
+        for batch in micro_batches:
+            per_token = token_losses(self.engine, batch)
+            summed = (per_token * batch["loss_mask"]).sum()
+            self.engine.backward(summed * scale)
+            self.engine.step()
+            loss_sum += summed.item()
+        loss = self._dp_sum(loss_sum) / tokens
+        self.step += 1
+        return {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out mean token loss and perplexity over up to logging.eval_batches micro-batches per DP rank."""
+        from megatron_bdlora.training.data import collate
+
+        data = self.run_info.valid_data
+        micro = self.cfg.parallel.micro_batch_size
+        self.engine.eval()
+        loss_sum = tokens = 0.0
+        n = len(data)
+        for j in range(self.cfg.logging.eval_batches):
+            start = (j * self.run_info.dp + self.info.dp_rank) * micro
+            if start >= n:
+                break
+            batch = collate(data, list(range(start, min(n, start + micro))))
+            loss_sum += float((token_losses(self.engine, batch) * batch["loss_mask"]).sum())
+            tokens += float(batch["loss_mask"].sum())
+        loss = self._dp_sum(loss_sum) / max(1.0, self._dp_sum(tokens))
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def write_adapter(self, out_dir: Path) -> None:
+        """Collective over TP: gather this DP replica's shards to global rank 0, which writes the native adapter."""
+        from megatron.core import parallel_state
+
+        from megatron_bdlora.checkpoint.adapters import save_native_rank_states
+        from megatron_bdlora.model import adapter_state_dict
+
+        state = adapter_state_dict(self.model)
+        states = [None] * self.run_info.tp
+        dist.all_gather_object(states, state, group=parallel_state.get_tensor_model_parallel_group())
+        if self.info.rank == 0:
+            save_native_rank_states(
+                out_dir, self.settings, self.run_info.hf_config, self.run_info.tp, states,
+                base_model_name=str(self.cfg.model.base), overwrite=True,
+            )
+        dist.barrier()
+
+    def save(self) -> Path:
+        from megatron_bdlora.training.checkpoint import save_checkpoint
+
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "history": self.history}
+        return save_checkpoint(self.ckpt_dir, self.step, self.engine, state, self.write_adapter, self.cfg.checkpoint.keep)
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint, if any; returns whether one was found."""
+        from megatron_bdlora.training.checkpoint import latest_checkpoint, load_checkpoint
+
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.engine)
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.history = state["history"]
+        return True
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        from megatron_bdlora.training.metrics import MetricsLog
+
+        cfg = self.cfg
+        log = MetricsLog(self.log_dir, enabled=self.info.rank == 0, tensorboard=cfg.logging.tensorboard,
+                         progress=cfg.logging.progress, total=cfg.schedule.train_steps, initial=self.step)
+        every, eval_every = cfg.checkpoint.every, cfg.logging.eval_every
+        while self.step < cfg.schedule.train_steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - t0)
+            last = self.step == cfg.schedule.train_steps
+            if self.run_info.valid_data is not None and ((eval_every and self.step % eval_every == 0) or last):
+                record.update(self.evaluate())
+            self.history.append(record)
+            log.write(record, show=self.step % cfg.logging.every == 0 or last)
+            if (every and self.step % every == 0) or last:
+                self.save()
+        self.write_adapter(self.log_dir / "adapter")
+        log.close()
+        return self.history
