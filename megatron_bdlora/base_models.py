@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_bdlora.checkpoint.base_model import CACHE_NAME, _exclusive, default_cache_dir, ensure_base_model
+from megatron_bdlora.checkpoint.base_model import CACHE_NAME, exclusive_lock, default_cache_dir, ensure_base_model
 
 EMBEDDED = "smollm2-135m-instruct"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
@@ -41,7 +41,7 @@ def resolve_hf_base(base: str, random_config: dict | None = None, seed: int = 0)
     key = json.dumps(random_config, sort_keys=True) + f"/seed={seed}"
     out = cache_root() / f"random-llama-{_fingerprint(hf_dir, key)}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out.parent / f".{out.name}.lock"):
+    with exclusive_lock(out.parent / f".{out.name}.lock"):
         if not (out / "config.json").is_file():
             _write_random_llama(hf_dir, random_config, seed, out)
     return out
@@ -71,7 +71,7 @@ def ensure_megatron_base(hf_dir: Path, tp: int) -> Path:
 
     out = cache_root() / "megatron" / f"{hf_dir.name}-{_fingerprint(hf_dir)}-tp{tp}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out.parent / f".{out.name}.lock"):
+    with exclusive_lock(out.parent / f".{out.name}.lock"):
         if not (out / "meta.json").is_file():
             convert_hf_to_megatron(hf_dir, out, tp, overwrite=out.exists())
     return out

@@ -25,7 +25,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_bdlora.config import LoRASettings
 from megatron_bdlora.layers import LoRAColumnParallelLinear, LoRALayerSpec, LoRARowParallelLinear, _LoRAParallelMixin
-from megatron_bdlora.targets import cfg_field, llama_projections
+from megatron_bdlora.checkpoint.hf import check_llama_config as check_checkpoint_config
+from megatron_bdlora.checkpoint.hf import padded_vocab_size
+from megatron_bdlora.targets import llama_projections
 
 # megatron layer -> HF projections it fuses, in fused order
 FUSED = {
@@ -38,23 +40,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def check_llama_config(hf_config: dict, tp: int) -> None:
-    """Reject what the builder cannot represent exactly, naming the field and value."""
-    model_type = hf_config.get("model_type")
-    archs = hf_config.get("architectures") or ["LlamaForCausalLM"]
-    if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
-        raise ValueError(f"not a Llama checkpoint: model_type={model_type!r}, architectures={archs}")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf_config.get(key):
-            raise ValueError(f"{key}=true is not supported (Llama without biases only)")
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf_config['hidden_act']!r} is not supported (silu only)")
-    heads = cfg_field(hf_config, "num_attention_heads")
-    kv = cfg_field(hf_config, "num_key_value_heads", heads)
-    if heads % tp or kv % tp:
-        raise ValueError(
-            f"tp={tp} must divide num_attention_heads={heads} and num_key_value_heads={kv} "
-            "(KV heads replicated over TP ranks would break the block-diagonal layout)"
-        )
+    """Reject what the builder cannot represent exactly (the converter's checks, plus RoPE scaling)."""
+    check_checkpoint_config(hf_config, tp)
     _rope_scaling(hf_config)
 
 
@@ -141,11 +128,6 @@ def _layer_spec(hf_config: dict, lora: LoRASettings | None) -> ModuleSpec:
         )
         setattr(holders[layer], layer, ModuleSpec(module=cls, params={"lora": lspec}))
     return spec
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Vocabulary padded to a multiple of TP (vocab-parallel embedding and output layer)."""
-    return -(-vocab_size // tp) * tp
 
 
 def build_model(
