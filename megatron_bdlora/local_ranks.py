@@ -5,11 +5,14 @@ Used by the tests and the single-machine benchmarks; real jobs are launched with
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_module
 import socket
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -24,15 +27,15 @@ def _entry(rank: int, world: int, port: int, tp: int, fn: Callable, args: tuple,
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
-    import torch
-
     torch.set_num_threads(1)
     from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
     try:
         info = init_parallel(tp_size=tp, seed=1234)
         result = fn(info, *args)
-        queue.put((rank, "ok", result))
+        buffer = io.BytesIO()  # plain bytes: no shared-memory tensor handles outliving this process
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
         destroy_parallel()
     except BaseException:  # report to the parent, which re-raises
         queue.put((rank, "error", traceback.format_exc()))
@@ -54,11 +57,11 @@ def run_distributed(fn: Callable, world: int, *args: Any, tp: int | None = None,
     for _ in range(world):
         try:
             rank, status, payload = queue.get(timeout=timeout)
-        except Exception:  # queue.Empty: a rank died or hung
+        except queue_module.Empty:  # a rank died or hung
             errors.append(f"no result within {timeout}s; exit codes {[p.exitcode for p in procs]}")
             break
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{payload}")
             break

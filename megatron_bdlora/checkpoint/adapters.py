@@ -1,0 +1,437 @@
+"""Native adapter checkpoint: one safetensors file per TP rank holding that rank's slice of every LoRA factor.
+
+Layout of a checkpoint directory:
+
+    adapter_manifest.json     settings, base-model shape (and its hash), tp, mode, nblocks, dtype
+    rank_00.safetensors       keys layers.{l}.{proj}.lora_A / .lora_B: rank 0's slice of the stored form
+    rank_01.safetensors       ...
+
+A factor's *stored* form is PEFT's layout (sharding.py): dense, or packed (out, in / nblocks) when
+block-diagonal. Rank i's file holds exactly `plan.a.shard(A_full, i)` / `plan.b.shard(B_full, i)`, so a
+rank loads its own file and nothing else; replicated factors are written to every file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_bdlora.atomic import atomic_directory
+from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+from megatron_bdlora.sharding import Mode, ShardingPlan
+from megatron_bdlora.targets import cfg_field, lora_plan
+
+FORMAT = "megatron-bdlora-adapter"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "adapter_manifest.json"
+SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_hidden_layers",
+    "vocab_size",
+)
+RESHARD_TOOL = "tools/reshard_adapter.py"
+
+Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (A, B) stored forms
+
+
+class AdapterCheckpointError(ValueError):
+    """An adapter checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+
+
+def rank_file_name(tp_rank: int) -> str:
+    """File of one TP rank's factor slices."""
+    return f"rank_{tp_rank:02d}.safetensors"
+
+
+def factor_key(layer: int, proj: str, factor: str) -> str:
+    """Key of a factor (`factor` is 'A' or 'B') in a native rank file."""
+    return f"layers.{layer}.{proj}.lora_{factor}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: the manifest's spelling of a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def base_shape(hf_config: Any) -> dict[str, int]:
+    """The base-model fields an adapter depends on, from an HF Llama config (object or dict) or a shape dict."""
+    heads = cfg_field(hf_config, "num_attention_heads")
+    hidden = cfg_field(hf_config, "hidden_size")
+    defaults = {"num_key_value_heads": heads, "head_dim": hidden // heads}
+    return {k: int(cfg_field(hf_config, k, defaults.get(k))) for k in SHAPE_FIELDS}
+
+
+def shape_hash(shape: dict[str, int]) -> str:
+    """sha256 of the canonical JSON of a base shape: two models take the same adapters iff their hashes match."""
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_base_config(path: str | os.PathLike) -> dict[str, Any]:
+    """An HF config dict from a config.json file or from a model directory containing one."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"base config {file} does not exist (pass an HF config.json or a model directory)")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterCheckpointError(f"base config {file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterCheckpointError(f"base config {file} is not a JSON object")
+    return cfg
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a missing or corrupt file is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        msg = " ".join(str(e).split())
+        raise AdapterCheckpointError(f"cannot read {path}: corrupt or truncated safetensors file ({msg})") from None
+
+
+def check_tensors(
+    tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str, hint: str = ""
+) -> None:
+    """Exactly the expected keys with the expected shapes, floating point; errors name source, key and shapes."""
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise AdapterCheckpointError(
+            f"{source}: missing tensor {missing[0]!r}{more}, expected shape {list(expected[missing[0]])}"
+        )
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise AdapterCheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{more}")
+    dtypes = set()
+    for k, shape in expected.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(shape):
+            raise AdapterCheckpointError(
+                f"{source}: tensor {k!r} has shape {list(t.shape)}, expected {list(shape)}{hint}"
+            )
+        if not t.is_floating_point():
+            raise AdapterCheckpointError(f"{source}: tensor {k!r} has dtype {dtype_name(t.dtype)}, expected floating")
+        dtypes.add(t.dtype)
+    if len(dtypes) > 1:
+        raise AdapterCheckpointError(f"{source}: mixed dtypes {sorted(dtype_name(d) for d in dtypes)}")
+
+
+@dataclass
+class AdapterCheckpoint:
+    """A whole adapter in memory: settings, base-model shape, TP degree and the full stored form of every factor."""
+
+    settings: LoRASettings  # nblocks resolved (never None) in block-diagonal mode
+    base_shape: dict[str, int]  # base_shape(hf_config); an HF config object or dict is accepted and reduced
+    tp: int
+    factors: Factors = field(default_factory=dict)
+    base_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.base_shape = base_shape(self.base_shape)
+        if self.settings.mode is Mode.BLOCK_DIAGONAL and self.settings.nblocks is None:
+            self.settings = dataclasses.replace(self.settings, nblocks=self.tp)
+        self.settings = dataclasses.replace(self.settings, targets=canonical_targets(self.settings.targets))
+
+    @property
+    def num_layers(self) -> int:
+        return self.base_shape["num_hidden_layers"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.factors.values()))[0].dtype if self.factors else torch.float32
+
+    def plans(self, tp: int | None = None) -> dict[str, ShardingPlan]:
+        """The sharding plan of every target projection at this TP degree (default: the checkpoint's)."""
+        tp = self.tp if tp is None else tp
+        try:
+            return {p: lora_plan(self.base_shape, p, self.settings, tp) for p in self.settings.targets}
+        except ValueError as e:
+            s = self.settings
+            blocks = f", nblocks {s.nblocks}" if s.mode is Mode.BLOCK_DIAGONAL else ""
+            raise AdapterCheckpointError(
+                f"adapter (mode {s.mode.value}, rank {s.rank}{blocks}) cannot be sharded at tp={tp}: {e}"
+            ) from None
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Native key -> full stored shape, for every layer and target."""
+        return _shapes(self.plans(), self.num_layers, lambda f: f.full_shape)
+
+    def validate(self) -> None:
+        """Every (layer, target) present with the stored shapes the plan expects."""
+        flat = {factor_key(l, p, n): t for (l, p), ab in self.factors.items() for n, t in zip("AB", ab)}
+        check_tensors(flat, self.full_shapes(), "adapter")
+
+    def rank_state(self, tp_rank: int) -> dict[str, torch.Tensor]:
+        """This rank's slice of every factor, keyed as in its rank file."""
+        plans = self.plans()
+        state = {}
+        for (layer, proj), (a, b) in sorted(self.factors.items()):
+            plan = plans[proj]
+            state[factor_key(layer, proj, "A")] = plan.a.shard(a, tp_rank).contiguous()
+            state[factor_key(layer, proj, "B")] = plan.b.shard(b, tp_rank).contiguous()
+        return state
+
+    def manifest(self) -> dict[str, Any]:
+        """The adapter_manifest.json content."""
+        s = self.settings
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_model": {
+                "name_or_path": self.base_model_name,
+                "shape": self.base_shape,
+                "shape_hash": shape_hash(self.base_shape),
+            },
+            "targets": list(s.targets),
+            "rank": s.rank,
+            "alpha": s.alpha,
+            "use_rslora": s.use_rslora,
+            "scaling": s.scaling,
+            "dropout": s.dropout,
+            "mode": s.mode.value,
+            "nblocks": s.nblocks if s.mode is Mode.BLOCK_DIAGONAL else None,
+            "tp": self.tp,
+            "dtype": dtype_name(self.dtype),
+            "num_layers": self.num_layers,
+        }
+
+
+def canonical_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Targets in the layer's order (q, k, v, o, gate, up, down), so manifests compare equal."""
+    return tuple(t for t in ALL_TARGETS if t in targets)
+
+
+def _shapes(plans: dict[str, ShardingPlan], num_layers: int, shape_of) -> dict[str, tuple[int, ...]]:
+    """Native key -> shape_of(FactorShard) over all layers and targets."""
+    return {
+        factor_key(l, p, n): shape_of(getattr(plan, n.lower()))
+        for l in range(num_layers)
+        for p, plan in plans.items()
+        for n in "AB"
+    }
+
+
+def save_native(ckpt: AdapterCheckpoint, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a checkpoint directory atomically, slicing every full factor for each rank through its plan."""
+    ckpt.validate()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for tp_rank in range(ckpt.tp):
+            meta = {"format": FORMAT, "tp_rank": str(tp_rank), "tp": str(ckpt.tp)}
+            save_file(ckpt.rank_state(tp_rank), str(tmp / rank_file_name(tp_rank)), metadata=meta)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(ckpt.manifest(), indent=2) + "\n")
+    return Path(out_dir)
+
+
+def gather_rank_states(
+    settings: LoRASettings,
+    hf_config: Any,
+    tp: int,
+    rank_states: list[dict[str, torch.Tensor]],
+    *,
+    base_model_name: str | None = None,
+    sources: list[str] | None = None,
+) -> AdapterCheckpoint:
+    """The whole adapter from every rank's slices (validated, replicas checked equal): the inverse of rank_state."""
+    ckpt = AdapterCheckpoint(settings, hf_config, tp, {}, base_model_name)
+    if len(rank_states) != tp:
+        raise AdapterCheckpointError(f"got {len(rank_states)} rank states, expected tp={tp}")
+    sources = sources or [f"rank {i} state" for i in range(tp)]
+    plans = ckpt.plans()
+    local = _shapes(plans, ckpt.num_layers, lambda f: f.local_shape)
+    for state, source in zip(rank_states, sources):
+        check_tensors(state, local, source)
+    for layer in range(ckpt.num_layers):
+        for proj, plan in plans.items():
+            pair = []
+            for n, shard in (("A", plan.a), ("B", plan.b)):
+                key = factor_key(layer, proj, n)
+                shards = [state[key] for state in rank_states]
+                if shard.split_dim is None:
+                    for i in range(1, tp):
+                        if not torch.equal(shards[i], shards[0]):
+                            diff = (shards[i].float() - shards[0].float()).abs().max().item()
+                            raise AdapterCheckpointError(
+                                f"replicated factor {key!r} differs between {sources[0]} and {sources[i]} "
+                                f"(max |diff| {diff:.6g}): replicas must be identical"
+                            )
+                pair.append(shard.unshard(shards))
+            ckpt.factors[(layer, proj)] = (pair[0], pair[1])
+    return ckpt
+
+
+def save_native_rank_states(
+    out_dir: str | os.PathLike,
+    settings: LoRASettings,
+    hf_config: Any,
+    tp: int,
+    rank_states: list[dict[str, torch.Tensor]],
+    *,
+    base_model_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint from the per-rank slices a trainer holds (rank_states[i]: keys as in rank i's file)."""
+    ckpt = gather_rank_states(settings, hf_config, tp, rank_states, base_model_name=base_model_name)
+    return save_native(ckpt, out_dir, overwrite=overwrite)
+
+
+def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The validated manifest of a checkpoint directory."""
+    path = Path(adapter_dir) / MANIFEST_NAME
+    if not Path(adapter_dir).is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a megatron-bdlora adapter directory")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterCheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else None
+        raise AdapterCheckpointError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise AdapterCheckpointError(
+            f"{path}: format_version {m.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    required = ("base_model", "targets", "rank", "alpha", "use_rslora", "mode", "nblocks", "tp", "num_layers")
+    missing = [k for k in required if k not in m]
+    if missing:
+        raise AdapterCheckpointError(f"{path}: missing field(s) {missing}")
+    shape = m["base_model"].get("shape") if isinstance(m["base_model"], dict) else None
+    if not isinstance(shape, dict) or sorted(shape) != sorted(SHAPE_FIELDS):
+        raise AdapterCheckpointError(f"{path}: base_model.shape must have exactly the fields {list(SHAPE_FIELDS)}")
+    if m["base_model"].get("shape_hash") != shape_hash(shape):
+        raise AdapterCheckpointError(f"{path}: base_model.shape_hash does not match base_model.shape")
+    if m["num_layers"] != shape["num_hidden_layers"]:
+        raise AdapterCheckpointError(
+            f"{path}: num_layers={m['num_layers']} but base_model.shape.num_hidden_layers="
+            f"{shape['num_hidden_layers']}"
+        )
+    return m
+
+
+def settings_from_manifest(manifest: dict[str, Any]) -> LoRASettings:
+    """The LoRA settings a checkpoint was written with (nblocks explicit in block-diagonal mode)."""
+    try:
+        settings = LoRASettings(
+            rank=int(manifest["rank"]),
+            alpha=float(manifest["alpha"]),
+            use_rslora=bool(manifest["use_rslora"]),
+            dropout=float(manifest.get("dropout", 0.0)),
+            mode=manifest["mode"],
+            nblocks=manifest["nblocks"],
+            targets=tuple(manifest["targets"]),
+        )
+    except (TypeError, ValueError) as e:
+        raise AdapterCheckpointError(f"adapter manifest has invalid LoRA settings: {e}") from None
+    if "scaling" in manifest and abs(float(manifest["scaling"]) - settings.scaling) > 1e-12 * abs(settings.scaling):
+        raise AdapterCheckpointError(
+            f"adapter manifest scaling={manifest['scaling']} disagrees with alpha={settings.alpha}, "
+            f"rank={settings.rank}, use_rslora={settings.use_rslora} (scaling {settings.scaling})"
+        )
+    return settings
+
+
+def load_native(adapter_dir: str | os.PathLike) -> AdapterCheckpoint:
+    """The whole adapter from a checkpoint directory: every rank file validated, factors unsharded."""
+    adapter_dir = Path(adapter_dir)
+    m = read_manifest(adapter_dir)
+    settings = settings_from_manifest(m)
+    tp = int(m["tp"])
+    states, sources = [], []
+    for tp_rank in range(tp):
+        path = adapter_dir / rank_file_name(tp_rank)
+        tensors, meta = read_safetensors(path)
+        _check_rank_meta(meta, tp_rank, tp, path)
+        states.append(tensors)
+        sources.append(str(path))
+    ckpt = gather_rank_states(
+        settings, m["base_model"]["shape"], tp, states, base_model_name=m["base_model"].get("name_or_path"),
+        sources=sources,
+    )
+    if dtype_name(ckpt.dtype) != m.get("dtype", dtype_name(ckpt.dtype)):
+        raise AdapterCheckpointError(
+            f"{adapter_dir}: factors have dtype {dtype_name(ckpt.dtype)}, manifest says {m['dtype']}"
+        )
+    return ckpt
+
+
+def _check_rank_meta(meta: dict[str, str], tp_rank: int, tp: int, path: Path) -> None:
+    """A rank file written for another rank or TP degree (files swapped or copied between checkpoints)."""
+    if meta.get("tp_rank", str(tp_rank)) != str(tp_rank) or meta.get("tp", str(tp)) != str(tp):
+        raise AdapterCheckpointError(
+            f"{path} was written for tp_rank={meta.get('tp_rank')} of tp={meta.get('tp')}, "
+            f"expected tp_rank={tp_rank} of tp={tp}"
+        )
+
+
+def check_compatible(
+    manifest: dict[str, Any],
+    hf_config: Any,
+    tp: int,
+    settings: LoRASettings | None = None,
+    adapter_dir: str | os.PathLike = "adapter",
+) -> None:
+    """Refuse a checkpoint written for another base shape, TP degree, or (if given) other LoRA settings."""
+    expected_shape = base_shape(hf_config)
+    shape = manifest["base_model"]["shape"]
+    if manifest["base_model"]["shape_hash"] != shape_hash(expected_shape):
+        diff = {k: (shape.get(k), expected_shape[k]) for k in SHAPE_FIELDS if shape.get(k) != expected_shape[k]}
+        raise AdapterCheckpointError(
+            f"{adapter_dir} was trained for another base model: adapter shape {shape}, model shape "
+            f"{expected_shape} (differing (adapter, model): {diff})"
+        )
+    if int(manifest["tp"]) != tp:
+        raise AdapterCheckpointError(
+            f"{adapter_dir} is sharded for tp={manifest['tp']} but the model runs at tp={tp}; convert it with "
+            f"python {RESHARD_TOOL} --adapter-dir {adapter_dir} --out-dir OUT --tp {tp}"
+        )
+    if settings is not None:
+        saved = settings_from_manifest(manifest)
+        if settings.mode is Mode.BLOCK_DIAGONAL and settings.nblocks is None:
+            settings = dataclasses.replace(settings, nblocks=tp)
+        fields = ("rank", "alpha", "use_rslora", "mode", "nblocks")
+        diff = {f: (getattr(saved, f), getattr(settings, f)) for f in fields}
+        diff = {f: pair for f, pair in diff.items() if pair[0] != pair[1]}
+        if canonical_targets(settings.targets) != saved.targets:
+            diff["targets"] = (list(saved.targets), list(canonical_targets(settings.targets)))
+        if diff:
+            raise AdapterCheckpointError(f"{adapter_dir} has other LoRA settings (adapter, model): {diff}")
+
+
+def load_native_rank(
+    adapter_dir: str | os.PathLike,
+    tp_rank: int,
+    expected_hf_config: Any,
+    expected_tp: int,
+    expected_settings: LoRASettings | None = None,
+) -> dict[str, torch.Tensor]:
+    """This rank's factor slices (keys layers.{l}.{proj}.lora_A/B), after checking the checkpoint fits the model."""
+    adapter_dir = Path(adapter_dir)
+    m = read_manifest(adapter_dir)
+    check_compatible(m, expected_hf_config, expected_tp, expected_settings, adapter_dir)
+    if not 0 <= tp_rank < expected_tp:
+        raise ValueError(f"tp_rank={tp_rank} is out of range for tp={expected_tp}")
+    ckpt = AdapterCheckpoint(settings_from_manifest(m), m["base_model"]["shape"], expected_tp)
+    path = adapter_dir / rank_file_name(tp_rank)
+    tensors, meta = read_safetensors(path)
+    _check_rank_meta(meta, tp_rank, expected_tp, path)
+    check_tensors(tensors, _shapes(ckpt.plans(), ckpt.num_layers, lambda f: f.local_shape), str(path))
+    return tensors

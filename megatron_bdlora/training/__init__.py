@@ -1,0 +1,1 @@
+"""Training inputs and loop: data sets, batch sampling and the fine-tuning step."""
