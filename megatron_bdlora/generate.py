@@ -43,14 +43,16 @@ def greedy_generate(
     return new
 
 
-def load_model_for_generation(megatron_dir: Path, tp: int, tp_rank: int, adapter_dir: Path | None, dtype: str) -> torch.nn.Module:
+def load_model_for_generation(
+    megatron_dir: Path, tp: int, tp_rank: int, adapter_dir: Path | None, dtype: str, plain_lora_mode: str = "replicated"
+) -> torch.nn.Module:
     """Base model from a megatron checkpoint, with an adapter (native or PEFT directory) when given."""
     from megatron_bdlora.adapter_loading import load_adapter_for_model
     from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
     from megatron_bdlora.model import build_model, load_base_state_dict
 
     hf_config = json.loads((megatron_dir / "config.json").read_text())
-    settings, load = (None, None) if adapter_dir is None else load_adapter_for_model(adapter_dir, hf_config, tp, tp_rank)
+    settings, load = (None, None) if adapter_dir is None else load_adapter_for_model(adapter_dir, hf_config, tp, tp_rank, plain_lora_mode)
     model = build_model(hf_config, tp, settings, dtype)
     load_base_state_dict(model, load_megatron_rank_state(megatron_dir, tp_rank, tp))
     if load is not None:
@@ -62,6 +64,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--megatron-dir", type=Path, required=True, help="megatron base checkpoint (tools/convert_hf_to_megatron.py)")
     p.add_argument("--adapter", type=Path, help="native adapter directory or PEFT adapter directory")
+    p.add_argument("--adapter-mode", default="replicated", choices=["replicated", "slora"],
+                   help="sharding of a plain (non-BD) PEFT LoRA adapter; BD adapters always run block-diagonal")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (stops early at EOS)")
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = init_parallel(tp_size=tp)
         tok = AutoTokenizer.from_pretrained(args.megatron_dir)
-        model = load_model_for_generation(args.megatron_dir, tp, info.tp_rank, args.adapter, args.dtype)
+        model = load_model_for_generation(args.megatron_dir, tp, info.tp_rank, args.adapter, args.dtype, args.adapter_mode)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -53,3 +53,37 @@ def peft_model(hf_model: torch.nn.Module, settings: LoRASettings, factors: Facto
     result = set_peft_model_state_dict(model, state)
     assert not result.unexpected_keys, result.unexpected_keys
     return model.eval()
+
+
+RANDOM_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_hidden_layers=2,
+    vocab_size=250,  # not a multiple of 4: vocab padding is exercised
+    max_position_embeddings=128,
+    rope_theta=50000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def make_random_llama(root, tps: tuple[int, ...]):
+    """A seeded random GQA Llama saved as HF at root/hf, converted to megatron at root/meg_tp{N}; plus a batch.
+
+    Returns (hf_model, input_ids [2, 12], attention_mask with left padding on row 1).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_bdlora.checkpoint.hf import convert_hf_to_megatron
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA)).float().eval()
+    model.save_pretrained(root / "hf")
+    for tp in tps:
+        convert_hf_to_megatron(root / "hf", root / f"meg_tp{tp}", tp, progress=False)
+    ids = torch.randint(0, RANDOM_LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return model, ids, mask

@@ -7,21 +7,7 @@ import torch
 
 from megatron_bdlora.config import LoRASettings
 from megatron_bdlora.local_ranks import run_distributed
-from peft_reference import peft_model, random_factors
-
-HF_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    num_hidden_layers=2,
-    vocab_size=250,  # not a multiple of 4: vocab padding is exercised
-    max_position_embeddings=128,
-    rope_theta=50000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-
+from peft_reference import RANDOM_LLAMA, make_random_llama, peft_model, random_factors
 
 def _settings(mode: str) -> list[LoRASettings]:
     """The adapters checked per mode: all seven targets, and a subset leaving fused siblings un-adapted."""
@@ -34,19 +20,8 @@ def _settings(mode: str) -> list[LoRASettings]:
 
 @pytest.fixture(scope="module")
 def random_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_bdlora.checkpoint.hf import convert_hf_to_megatron
-
     root = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**HF_CONFIG)).float().eval()
-    model.save_pretrained(root / "hf")
-    for tp in (1, 2, 4):
-        convert_hf_to_megatron(root / "hf", root / f"meg_tp{tp}", tp)
-    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding on the second row
+    model, ids, mask = make_random_llama(root, (1, 2, 4))
     return root, model, ids, mask
 
 
@@ -73,7 +48,7 @@ def model_logits_worker(info, meg_dir, adapters, ids, mask):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_logits_match_transformers_and_peft(random_llama, tp):
     root, hf_model, ids, mask = random_llama
-    adapters = [(s, random_factors(HF_CONFIG | {"num_hidden_layers": 2}, s, seed=i)) for i, s in enumerate(
+    adapters = [(s, random_factors(RANDOM_LLAMA, s, seed=i)) for i, s in enumerate(
         s for mode in ("block_diagonal", "slora", "replicated") for s in _settings(mode))]
     results = run_distributed(model_logits_worker, tp, root / f"meg_tp{tp}", adapters, ids, mask)
     keep = mask.bool()

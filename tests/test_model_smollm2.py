@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,7 @@ def _batch(chats: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def smollm2_worker(info, meg_dir, chats, pad, adapters, new_tokens):
+    from megatron_bdlora.adapter_loading import load_adapter_for_model
     from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
     from megatron_bdlora.generate import greedy_generate
     from megatron_bdlora.model import build_model, forward_logits, load_base_state_dict, load_full_adapter
@@ -57,9 +59,13 @@ def smollm2_worker(info, meg_dir, chats, pad, adapters, new_tokens):
     ids, mask = _batch(chats, pad)
     out = {"adapters": []}
     for settings, factors in [(None, None)] + adapters:
+        if isinstance(factors, Path):  # a PEFT adapter directory, imported for this TP
+            settings, load = load_adapter_for_model(factors, hf_config, info.tp_size, info.tp_rank)
         model = build_model(hf_config, info.tp_size, settings)
         load_base_state_dict(model, state)
-        if factors is not None:
+        if isinstance(factors, Path):
+            load(model)
+        elif factors is not None:
             load_full_adapter(model, factors)
         model.eval()
         with torch.no_grad():
@@ -74,13 +80,17 @@ def smollm2_worker(info, meg_dir, chats, pad, adapters, new_tokens):
 
 
 @pytest.mark.parametrize("tp", [1, 3])
-def test_smollm2_logits_generation_and_adapters_match_transformers(smollm2, tp):
+def test_smollm2_logits_generation_and_adapters_match_transformers(smollm2, tp, tmp_path):
     from transformers import GenerationConfig
 
     hf_dir, tok, hf_model, chats, megatron_dirs = smollm2
     hf_config = json.loads((hf_dir / "config.json").read_text())
     adapters = [(s, random_factors(hf_config, s, seed=10 + i, scale=0.03)) for i, s in enumerate(ADAPTERS)]
-    results = run_distributed(smollm2_worker, tp, megatron_dirs[tp], chats, tok.pad_token_id, adapters, 20)
+    refs = [peft_model(copy.deepcopy(hf_model), s, f) for s, f in adapters]
+    # the BD adapter goes through a directory written by PEFT itself (use_bdlora, nblocks=3, packed factors)
+    refs[0].save_pretrained(tmp_path / "peft_bd")
+    sent = [(None, tmp_path / "peft_bd")] + adapters[1:]
+    results = run_distributed(smollm2_worker, tp, megatron_dirs[tp], chats, tok.pad_token_id, sent, 20)
     ids, mask = _batch(chats, tok.pad_token_id)
     keep = mask.bool()
     with torch.no_grad():
@@ -105,8 +115,7 @@ def test_smollm2_logits_generation_and_adapters_match_transformers(smollm2, tp):
         stop = ours.index(tok.eos_token_id) + 1 if tok.eos_token_id in ours else len(ours)
         assert ours[:stop] == theirs, f"tp={tp}: differs from transformers.generate: {ours[:stop]} vs {theirs}"
     assert "Paris" in tok.decode(res["generated"][0])
-    for (settings, factors), got in zip(adapters, res["adapters"]):
-        ref = peft_model(copy.deepcopy(hf_model), settings, factors)
+    for (settings, _), ref, got in zip(adapters, refs, res["adapters"]):
         with torch.no_grad():
             want_lora = ref(input_ids=ids, attention_mask=mask).logits
         assert (want_lora - want)[keep].abs().max() > 1e-2, "adapter too small to test anything"
