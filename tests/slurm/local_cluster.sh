@@ -36,9 +36,9 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 pick_ports() {
     # NODES+1 consecutive free ports: slurmctld, then one per slurmd.
-    local base tries n ok
-    for tries in $(seq 1 50); do
-        base=${SLURM_TEST_PORT:-$((20000 + RANDOM % 20000))}
+    local base n ok
+    for _ in $(seq 1 50); do
+        base=${SLURM_TEST_PORT:-$((30000 + RANDOM % 2700))}  # below the ephemeral ports, clear of train.sbatch MASTER_PORT
         ok=1
         for n in $(seq 0 "$NODES"); do
             if port_in_use $((base + n)); then ok=0; break; fi
@@ -139,25 +139,38 @@ start() {
     echo "local_cluster: $NODES node(s) idle; SLURM_CONF=$dir/slurm.conf (controller port $port)"
 }
 
-stop_pidfile() {
-    local pidfile=$1 pid i
-    [[ -s $pidfile ]] || return 0
-    pid=$(<"$pidfile")
-    if kill "$pid" 2>/dev/null; then
-        for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
-    fi
-    rm -f "$pidfile"
+ours() {
+    # pid $1 is a daemon started for DIR $2 (its command line names DIR), not a stranger that reused a stale pid
+    [[ -r /proc/$1/cmdline ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$2/"
+}
+
+stop_pidfiles() {
+    # SIGTERM the daemons of pid files $2... at once (each takes ~2 s to exit), SIGKILL what is left after 5 s.
+    local dir=$1 f pid i alive pids=()
+    shift
+    for f in "$@"; do
+        [[ -s $f ]] && ours "$(<"$f")" "$dir" && pids+=("$(<"$f")")
+    done
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for i in $(seq 1 50); do
+        alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [[ $alive == 0 ]] && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null; done
+    rm -f "$@"
 }
 
 stop() {
-    local dir=$1 f
+    local dir=$1
     [[ -d $dir ]] || return 0
     dir=$(cd "$dir" && pwd)
-    [[ -f $dir/slurm.conf ]] && SLURM_CONF=$dir/slurm.conf scancel --full --quiet --user=root 2>/dev/null || true
-    for f in "$dir"/slurmd-*.pid; do [[ -e $f ]] && stop_pidfile "$f"; done
-    stop_pidfile "$dir/slurmctld.pid"
-    stop_pidfile "$dir/munge/munged.pid"
+    if [[ -f $dir/slurm.conf ]]; then
+        SLURM_CONF=$dir/slurm.conf scancel --full --quiet --user=root 2>/dev/null || true
+    fi
+    stop_pidfiles "$dir" "$dir"/slurmd-*.pid "$dir/slurmctld.pid"
+    stop_pidfiles "$dir" "$dir/munge/munged.pid"  # last: the Slurm daemons authenticate through it while shutting down
     return 0
 }
 
