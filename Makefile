@@ -22,8 +22,17 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job on the embedded default: demo data, BD-LoRA fine-tuning of SmolLM2-135M-Instruct at TP=3
+# (3 gloo ranks), then greedy generation with the trained adapter at TP=3.
+DEMO_RUN := runs/smollm2-135m-bdlora-tp3
+DEMO_MEG := runs/demo/smollm2-megatron-tp3
 demo: $(STAMP)
-	$(PY) tools/bench_layers.py --tp 2 --json runs/bench_layers.json
+	test -f data/manifest.json || $(PY) tools/prepare_data.py --out-dir data
+	PYTHON=$(PY) launch/train.sh configs/smollm2-135m-bdlora-tp3.yaml 3 logging.dir=$(DEMO_RUN) logging.progress=false
+	test -f $(DEMO_MEG)/meta.json || $(PY) tools/convert_hf_to_megatron.py --hf-dir cache/smollm2-135m-instruct --out-dir $(DEMO_MEG) --tp 3 --no-progress
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 3 -m megatron_bdlora.generate \
+		--megatron-dir $(DEMO_MEG) --adapter $(DEMO_RUN)/adapter --max-new-tokens 40 --greedy --json \
+		--prompt "Of Man's first disobedience, and the fruit" --prompt "Him the Almighty Power"
 
 clean:
 	rm -rf $(VENV) runs cache

@@ -16,7 +16,8 @@ class MetricsLog:
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(log_dir / "metrics.jsonl", "a", buffering=1)
+        # a resumed run (initial > 0) appends; a fresh one starts the log anew
+        self.file = open(log_dir / "metrics.jsonl", "a" if initial else "w", buffering=1)
         if progress:
             from tqdm import tqdm
 
