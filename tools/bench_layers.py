@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.param_count import count_parameters, match_bd_rank
+from megatron_bdlora.targets import lora_plan
+
 # known-harmless noise from every spawned rank (CPU build without Transformer Engine; megatron's older c10d names)
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -50,23 +54,17 @@ _SHORT = {  # collective names in the table
 }
 
 
+PAIR = ("up_proj", "down_proj")  # the column d_model->d_ffn and row d_ffn->d_model of one Llama MLP
+
+
+def pair_config(d_model: int, d_ffn: int) -> dict:
+    """A one-layer Llama shape whose up/down projections are the benchmarked column->row pair."""
+    return {"hidden_size": d_model, "intermediate_size": d_ffn, "num_attention_heads": 1, "num_hidden_layers": 1}
+
+
 def pair_parameters(mode: str, d_model: int, d_ffn: int, rank: int, tp: int) -> int:
     """Adapter parameters of the column->row pair in one mode (replicated factors counted once)."""
-    from megatron_bdlora.sharding import ShardingPlan
-
-    nblocks = tp if mode == "block_diagonal" else None
-    col = ShardingPlan.build("column", mode, d_model, d_ffn, rank, tp, nblocks)
-    row = ShardingPlan.build("row", mode, d_ffn, d_model, rank, tp, nblocks)
-    return col.num_parameters() + row.num_parameters()
-
-
-def match_bd_rank(d_model: int, d_ffn: int, lora_rank: int, tp: int) -> int:
-    """BD rank with about LoRA rank's parameters: step up by nblocks=tp past the LoRA count, step back once."""
-    target = pair_parameters("slora", d_model, d_ffn, lora_rank, tp)
-    bd = tp
-    while pair_parameters("block_diagonal", d_model, d_ffn, bd, tp) <= target:
-        bd += tp
-    return max(tp, bd - tp)
+    return count_parameters(pair_config(d_model, d_ffn), PAIR, mode, rank, tp if mode == "block_diagonal" else None)
 
 
 def _build_pair(mode: str | None, rank: int, args: dict, tp: int):
@@ -304,10 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, write the JSON; returns what the JSON holds."""
     args = parse_args(argv)
     try:
-        bd_rank = match_bd_rank(args.d_model, args.d_ffn, args.rank, args.tp)
+        bd_rank = match_bd_rank(pair_config(args.d_model, args.d_ffn), PAIR, args.tp, args.rank)
         ranks = {name: (bd_rank if mode == "block_diagonal" else args.rank) for name, mode in VARIANTS}
-        for name, mode in VARIANTS[1:]:  # validate every shape before spawning
-            pair_parameters(mode, args.d_model, args.d_ffn, ranks[name], args.tp)
+        for name, mode in VARIANTS[1:]:  # validate every shape at this TP before spawning
+            settings = LoRASettings(rank=ranks[name], mode=mode, nblocks=args.tp if mode == "block_diagonal" else None)
+            for proj in PAIR:
+                lora_plan(pair_config(args.d_model, args.d_ffn), proj, settings, args.tp)
     except ValueError as e:
         sys.exit(f"bench_layers: {e}")
     if pair_parameters("block_diagonal", args.d_model, args.d_ffn, bd_rank, args.tp) > pair_parameters("slora", args.d_model, args.d_ffn, args.rank, args.tp):
