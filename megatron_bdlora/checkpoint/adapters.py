@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.sharding import Mode, ShardingPlan
@@ -85,13 +86,7 @@ def read_base_config(path: str | os.PathLike) -> dict[str, Any]:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"base config {file} does not exist (pass an HF config.json or a model directory)")
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterCheckpointError(f"base config {file} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise AdapterCheckpointError(f"base config {file} is not a JSON object")
-    return cfg
+    return read_json_object(file, AdapterCheckpointError)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -299,12 +294,9 @@ def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a megatron-bdlora adapter directory")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterCheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        got = m.get("format") if isinstance(m, dict) else None
+    m = read_json_object(path, AdapterCheckpointError)
+    if m.get("format") != FORMAT:
+        got = m.get("format")
         raise AdapterCheckpointError(f"{path}: format is {got!r}, expected {FORMAT!r}")
     if m.get("format_version") != FORMAT_VERSION:
         raise AdapterCheckpointError(

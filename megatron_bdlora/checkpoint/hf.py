@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.sharding import LayerKind
 from megatron_bdlora.targets import cfg_field, llama_projections
@@ -311,12 +312,7 @@ def _check_tensors(where: str, expected: dict[str, tuple[int, ...]], files: _Ten
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    return read_json_object(path, CheckpointError)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.checkpoint.adapters import (
     AdapterCheckpoint,
@@ -179,13 +180,7 @@ def _read_config(peft_dir: Path) -> tuple[dict[str, Any], Path]:
     path = peft_dir / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a PEFT adapter directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterCheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise AdapterCheckpointError(f"{path} is not a JSON object")
-    return cfg, path
+    return read_json_object(path, AdapterCheckpointError), path
 
 
 def _check_supported(cfg: dict[str, Any], path: Path, num_layers: int) -> None:
