@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The main job on the embedded default: demo data, BD-LoRA fine-tuning of SmolLM2-135M-Instruct at TP=3
-# (3 gloo ranks), then greedy generation with the trained adapter at TP=3.
+# (3 gloo ranks), greedy generation with the trained adapter at TP=3, and the TP=2 layer benchmark table.
 DEMO_RUN := runs/smollm2-135m-bdlora-tp3
 DEMO_MEG := runs/demo/smollm2-megatron-tp3
 demo: $(STAMP)
@@ -33,6 +33,7 @@ demo: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node 3 -m megatron_bdlora.generate \
 		--megatron-dir $(DEMO_MEG) --adapter $(DEMO_RUN)/adapter --max-new-tokens 40 --greedy --json \
 		--prompt "Of Man's first disobedience, and the fruit" --prompt "Him the Almighty Power"
+	$(PY) tools/bench_layers.py --tp 2 --json runs/bench_layers.json
 
 clean:
 	rm -rf $(VENV) runs cache
