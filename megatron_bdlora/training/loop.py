@@ -169,20 +169,21 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def write_adapter(self, out_dir: Path) -> None:
-        """Collective over TP: gather this DP replica's shards to global rank 0, which writes the native adapter."""
+        """Collective: data-parallel replica 0 gathers its TP shards to global rank 0, which writes the adapter."""
         from megatron.core import parallel_state
 
         from megatron_bdlora.checkpoint.adapters import save_native_rank_states
         from megatron_bdlora.model import adapter_state_dict
 
-        state = adapter_state_dict(self.model)
-        states = [None] * self.run_info.tp
-        dist.all_gather_object(states, state, group=parallel_state.get_tensor_model_parallel_group())
-        if self.info.rank == 0:
-            save_native_rank_states(
-                out_dir, self.settings, self.run_info.hf_config, self.run_info.tp, states,
-                base_model_name=str(self.cfg.model.base), overwrite=True,
-            )
+        if self.info.dp_rank == 0:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+            states = [None] * self.run_info.tp if self.info.tp_rank == 0 else None
+            dist.gather_object(adapter_state_dict(self.model), states, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
+            if self.info.rank == 0:
+                save_native_rank_states(
+                    out_dir, self.settings, self.run_info.hf_config, self.run_info.tp, states,
+                    base_model_name=str(self.cfg.model.base), overwrite=True,
+                )
         dist.barrier()
 
     def save(self) -> Path:
