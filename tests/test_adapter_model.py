@@ -32,6 +32,12 @@ def setup(tmp_path_factory):
     native = LoRASettings(rank=4, alpha=8, use_rslora=True, mode="block_diagonal", nblocks=2)
     ckpt = AdapterCheckpoint(native, RANDOM_LLAMA, 2, random_factors(RANDOM_LLAMA, native, seed=7), "random-llama")
     save_native(ckpt, root / "native_tp2")
+    plain = LoRASettings(rank=8, alpha=16, mode="replicated")  # no use_bdlora: a plain PEFT LoRA
+    ref = peft_model(copy.deepcopy(hf_model), plain, random_factors(RANDOM_LLAMA, plain, seed=11))
+    ref.save_pretrained(root / "peft_plain")
+    peft_dirs["plain"] = root / "peft_plain"
+    with torch.no_grad():
+        want["plain"] = ref(input_ids=ids, attention_mask=mask).logits
     return root, hf_model, ids, mask, peft_dirs, want
 
 
@@ -41,8 +47,10 @@ def adapter_worker(info, root, adapter_dirs, ids, mask, merge):
     from megatron_bdlora.model import forward_logits, lora_layers
 
     out = []
-    for adapter_dir in adapter_dirs:
-        model = load_model_for_generation(root / f"meg_tp{info.tp_size}", info.tp_size, info.tp_rank, adapter_dir, "float32")
+    for adapter_dir, plain_mode in adapter_dirs:
+        model = load_model_for_generation(
+            root / f"meg_tp{info.tp_size}", info.tp_size, info.tp_rank, adapter_dir, "float32", plain_mode
+        )
         with torch.no_grad():
             result = {"logits": forward_logits(model, ids, mask)}
             if merge:
@@ -58,7 +66,7 @@ def adapter_worker(info, root, adapter_dirs, ids, mask, merge):
 def test_peft_bd_adapters_import_at_every_tp_dividing_nblocks(setup, tp):
     root, _, ids, mask, peft_dirs, want = setup
     nblocks = [n for n in (2, 4) if n % tp == 0]
-    results = run_distributed(adapter_worker, tp, root, [peft_dirs[n] for n in nblocks], ids, mask, False)
+    results = run_distributed(adapter_worker, tp, root, [(peft_dirs[n], "replicated") for n in nblocks], ids, mask, False)
     keep = mask.bool()
     for rank_results in results:
         for n, got in zip(nblocks, rank_results):
@@ -73,7 +81,7 @@ def test_native_bd_adapter_exported_to_peft_matches_logits_and_merge(setup, tmp_
     from megatron_bdlora.checkpoint.peft import export_peft_directory
 
     root, hf_model, ids, mask, _, _ = setup
-    ours = run_distributed(adapter_worker, 2, root, [root / "native_tp2"], ids, mask, True)
+    ours = run_distributed(adapter_worker, 2, root, [(root / "native_tp2", "replicated")], ids, mask, True)
     export_peft_directory(root / "native_tp2", tmp_path / "peft")
     ref = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "peft").eval()
     keep = mask.bool()
@@ -94,3 +102,18 @@ def test_native_bd_adapter_exported_to_peft_matches_logits_and_merge(setup, tmp_
             assert (tensor - merged[name]).abs().max() <= 1e-6, f"merged {name} differs from PEFT's merge_and_unload"
             checked += 1
     assert checked == 2 * 7, f"expected all 7 projections of both layers, compared {checked}"
+
+
+def test_plain_peft_lora_serves_replicated_and_slora_and_is_refused_as_bd(setup):
+    from megatron_bdlora.adapter_loading import load_adapter_for_model
+
+    root, _, ids, mask, peft_dirs, want = setup
+    dirs = [(peft_dirs["plain"], "replicated"), (peft_dirs["plain"], "slora")]
+    keep = mask.bool()
+    for rank_results in run_distributed(adapter_worker, 2, root, dirs, ids, mask, False):
+        for (_, mode), got in zip(dirs, rank_results):
+            err = (got["logits"] - want["plain"])[keep].abs().max().item()
+            assert err <= 1e-3, f"plain LoRA as {mode}: max abs diff to PEFT {err}"
+    hf_config = json.loads((root / "hf" / "config.json").read_text())
+    with pytest.raises(ValueError, match="off-block magnitude"):
+        load_adapter_for_model(peft_dirs["plain"], hf_config, 2, 0, plain_lora_mode="block_diagonal")
