@@ -175,10 +175,11 @@ def test_sbatch_without_gpus_takes_nproc_from_config_and_fails_with_the_payload(
     assert record["JobState"] == "FAILED" and record["ExitCode"] != "0:0", record
 
 
-def test_sbatch_trains_tiny_llama_with_tp_across_two_nodes(slurm, tmp_path):
+def test_sbatch_trains_tiny_llama_with_tp_across_two_nodes(slurm, tmp_path, demo_data):
     run_dir = tmp_path / "run"
     overrides = ["schedule.train_steps=2", "schedule.warmup_steps=1", "checkpoint.every=0",
-                 "logging.eval_batches=1", "logging.progress=false", f"logging.dir={run_dir}"]
+                 "logging.eval_batches=1", "logging.progress=false", f"logging.dir={run_dir}",
+                 f"data.train={demo_data / 'milton' / 'train.txt'}", f"data.valid={demo_data / 'milton' / 'valid.txt'}"]
     # no GPUs: NPROC_PER_NODE = tp 2 / 2 nodes = 1, so the tensor-parallel pair spans the two "nodes"
     rc, job_id, out = slurm.sbatch(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1"],
                                    "configs/tiny-llama-bdlora-tp2.yaml", overrides, export="ALL")
