@@ -23,6 +23,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    from megatron_bdlora.parallel import silence_expected_warnings
+
+    silence_expected_warnings()
     from megatron_bdlora.training.loop import Trainer, prepare_run
 
     try:
