@@ -28,7 +28,7 @@ DEMO_RUN := runs/smollm2-135m-bdlora-tp3
 DEMO_MEG := runs/demo/smollm2-megatron-tp3
 demo: $(STAMP)
 	test -f data/manifest.json || $(PY) tools/prepare_data.py --out-dir data
-	PYTHON=$(PY) launch/train.sh configs/smollm2-135m-bdlora-tp3.yaml 3 logging.dir=$(DEMO_RUN) logging.progress=false
+	PYTHON=$(PY) launch/train.sh configs/smollm2-135m-bdlora-tp3.yaml 3 logging.dir=$(DEMO_RUN)
 	test -f $(DEMO_MEG)/meta.json || $(PY) tools/convert_hf_to_megatron.py --hf-dir cache/smollm2-135m-instruct --out-dir $(DEMO_MEG) --tp 3 --no-progress
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node 3 -m megatron_bdlora.generate \
 		--megatron-dir $(DEMO_MEG) --adapter $(DEMO_RUN)/adapter --max-new-tokens 40 --greedy --json \
