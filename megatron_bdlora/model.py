@@ -149,6 +149,9 @@ def build_model(
         rope_scaling_factor=factor,
     )
     model.hf_config = hf_config
+    if lora is not None:  # fine-tuning trains the adapter only: embeddings, norms and base weights stay frozen
+        for name, param in model.named_parameters():
+            param.requires_grad_(".lora." in name)
     for l_idx, layer in enumerate(model.decoder.layers):
         for module in layer.modules():
             if isinstance(module, _LoRAParallelMixin):

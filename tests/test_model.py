@@ -67,3 +67,20 @@ def test_logits_match_transformers_and_peft(random_llama, tp):
             assert moved > 1e-2, "the adapter must change the logits for the check to mean anything"
             err = (got - want)[keep].abs().max()
             assert err <= 1e-3, f"{settings.mode.value} {settings.targets}: max abs diff {err}"
+
+
+def trainable_worker(info, meg_dir):
+    import json
+
+    from megatron_bdlora.model import build_model
+
+    hf_config = json.loads((meg_dir / "config.json").read_text())
+    model = build_model(hf_config, info.tp_size, LoRASettings(rank=4, alpha=8, mode="block_diagonal", nblocks=2))
+    return sorted(name for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_only_adapter_parameters_are_trainable(random_llama):
+    root = random_llama[0]
+    names = run_distributed(trainable_worker, 2, root / "meg_tp2")[0]
+    # 2 layers x 7 projections x (A, B): embeddings, norms, output layer and base weights are frozen
+    assert len(names) == 2 * 7 * 2 and all(".lora." in n for n in names), names

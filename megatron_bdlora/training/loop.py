@@ -145,7 +145,8 @@ class Trainer:
             loss_sum += summed.item()
         loss = self._dp_sum(loss_sum) / tokens
         self.step += 1
-        return {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens}
+        processed = self._dp_sum(sum(float(b["input_ids"].numel()) for b in micro_batches))
+        return {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_processed": processed}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -216,7 +217,7 @@ class Trainer:
         while self.step < cfg.schedule.train_steps:
             t0 = time.perf_counter()
             record = self.train_step()
-            record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - t0)
+            record["tokens_per_s"] = record["tokens_processed"] / (time.perf_counter() - t0)  # all input tokens, all DP ranks
             last = self.step == cfg.schedule.train_steps
             if self.run_info.valid_data is not None and ((eval_every and self.step % eval_every == 0) or last):
                 record.update(self.evaluate())
