@@ -5,7 +5,7 @@ Layout of `<dir>`:
     latest                     name of the newest complete checkpoint (replaced atomically)
     step_000050/adapter/       native adapter checkpoint (manifest + one file per TP rank)
     step_000050/deepspeed/     DeepSpeed engine state (optimizer, scheduler; frozen base excluded)
-    step_000050/trainer/rank_XXXXX.pt   step, sampler position, RNG states of each global rank
+    step_000050/trainer/rank_NNNNN.pt   step, sampler position, RNG states of each global rank
 A run killed mid-write leaves only a `.tmp` directory, which resume ignores and the next save removes.
 """
 
