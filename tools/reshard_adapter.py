@@ -12,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-MODES = ("block_diagonal", "slora", "replicated")
+from megatron_bdlora.sharding import Mode
+
+MODES = tuple(m.value for m in Mode)  # the sharding plan owns the list
 
 
 def build_parser() -> argparse.ArgumentParser:
