@@ -10,7 +10,9 @@ A fused column layer (qkv, gate/up) carries one adapter per sub-projection (as P
 interleaved into megatron's fused layout in `groups` groups (query groups for qkv, 1 for [gate; up]).
 
 Adapters are stacks of `slots` (training: 1); a serving engine selects a slot per token with
-`set_lora_slots`, reusing the same sharding arithmetic.
+`set_lora_slots`, reusing the same sharding arithmetic. The layer's plan is the *capacity* of a slot; a
+slot can hold any smaller adapter of the same mode (lower rank, more blocks per rank), loaded with
+`load_slot` under that adapter's own plan and computed on its own slice of the slot (ops.FactorView).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.ops import apply_factor, scale_rows
-from megatron_bdlora.sharding import FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
+from megatron_bdlora.ops import FactorView, SlotBatch, lora_expand, lora_shrink, matmul_packed
+from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
 
 def init_lora_a(shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -63,6 +65,8 @@ class LoRAAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(slots, *plan.a.local_shape, dtype=dtype))  # [slots, r?, in?]
         self.lora_B = nn.Parameter(torch.zeros(slots, *plan.b.local_shape, dtype=dtype))  # [slots, out?, r?]
         self.register_buffer("scaling", torch.full((slots,), settings.scaling, dtype=torch.float32))
+        # per slot: (A view, B view, scaling) of the adapter it holds; None = holds nothing for this layer
+        self.slot_views: list[tuple[FactorView, FactorView, float] | None] = [self._views(plan, settings.scaling)] * slots
         for param, shard in ((self.lora_A, plan.a), (self.lora_B, plan.b)):
             # megatron's attributes: dim +1 because of the leading slot dim
             split = shard.split_dim is not None and plan.tp > 1
@@ -78,15 +82,54 @@ class LoRAAdapter(nn.Module):
     def _factor(self, param: torch.Tensor, shard: FactorShard) -> torch.Tensor:
         return sum_grad_over_tp(param, self.tp_group) if shard.replicated else param
 
-    def shrink(self, x: torch.Tensor, slot_ids: torch.Tensor | None) -> torch.Tensor:
-        """[..., in_local] -> [..., r_local] (this rank's piece of A x, before any collective)."""
-        a = self._factor(self.lora_A, self.plan.a)
-        return apply_factor(self.dropout(x), a, self.plan.a.local_blocks, slot_ids)
+    def shrink(self, x: torch.Tensor, batch: SlotBatch | None) -> torch.Tensor:
+        """[..., in_local] -> [..., r_local] (this rank's piece of A x, before any collective).
 
-    def expand(self, z: torch.Tensor, slot_ids: torch.Tensor | None) -> torch.Tensor:
+        batch None: every token uses slot 0 (training); else x holds the batch's grouped tokens [n, in_local].
+        """
+        a = self._factor(self.lora_A, self.plan.a)
+        if batch is None:
+            return matmul_packed(self.dropout(x), a[0], self.plan.a.local_blocks)
+        return lora_shrink(x, a, [v and v[0] for v in self.slot_views], batch)
+
+    def expand(self, z: torch.Tensor, batch: SlotBatch | None) -> torch.Tensor:
         """[..., r] -> [..., out_local]: the scaled LoRA contribution to this rank's output (slice)."""
         b = self._factor(self.lora_B, self.plan.b)
-        return apply_factor(scale_rows(z, self.scaling, slot_ids), b, self.plan.b.local_blocks, slot_ids)
+        if batch is None:
+            return matmul_packed(z * self.scaling[0], b[0], self.plan.b.local_blocks)
+        chunks = self.plan.tp if self.plan.collective is Collective.ALL_GATHER else 1
+        views = [v and v[1] for v in self.slot_views]
+        return lora_expand(z, b, views, [v[2] if v else 0.0 for v in self.slot_views], batch, chunks)
+
+    @staticmethod
+    def _views(plan: ShardingPlan, scaling: float) -> tuple[FactorView, FactorView, float]:
+        """What a slot holding an adapter of this plan computes on: its local shapes and blocks."""
+        a, b = plan.a, plan.b
+        return FactorView(*a.local_shape, a.local_blocks), FactorView(*b.local_shape, b.local_blocks), scaling
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, a_local: torch.Tensor, b_local: torch.Tensor, plan: ShardingPlan, scaling: float) -> None:
+        """Put this rank's slices of an adapter with its own plan (rank, nblocks) into a slot (serving)."""
+        cap = self.plan
+        if (plan.kind, plan.mode, plan.d_in, plan.d_out, plan.tp) != (cap.kind, cap.mode, cap.d_in, cap.d_out, cap.tp):
+            raise ValueError(f"adapter plan {plan} does not fit this layer's plan {cap}")
+        views = self._views(plan, scaling)
+        for param, local, view, name in ((self.lora_A, a_local, views[0], "A"), (self.lora_B, b_local, views[1], "B")):
+            if tuple(local.shape) != (view.rows, view.cols):
+                raise ValueError(f"lora_{name} slice has shape {tuple(local.shape)}, expected {(view.rows, view.cols)}")
+            if view.rows > param.shape[1] or view.cols > param.shape[2]:
+                raise ValueError(
+                    f"lora_{name} slice {(view.rows, view.cols)} exceeds the slot capacity {tuple(param.shape[1:])} "
+                    f"(adapter rank {plan.rank} > the server's max LoRA rank {cap.rank}?)"
+                )
+            param[slot].zero_()
+            param[slot, : view.rows, : view.cols] = local.to(param.dtype)
+        self.scaling[slot] = scaling
+        self.slot_views[slot] = views
+
+    def clear_slot(self, slot: int) -> None:
+        """The slot holds nothing for this layer (an adapter that does not target it, or none at all)."""
+        self.slot_views[slot] = None
 
     @torch.no_grad()
     def load_full_factors(self, a_full: torch.Tensor, b_full: torch.Tensor, slot: int = 0, scaling: float | None = None) -> None:
@@ -95,6 +138,7 @@ class LoRAAdapter(nn.Module):
         self.lora_B[slot] = self.plan.b.shard(b_full, self.tp_rank).to(self.lora_B.dtype)
         if scaling is not None:
             self.scaling[slot] = scaling
+        self.slot_views[slot] = self._views(self.plan, float(self.scaling[slot]))
 
     @torch.no_grad()
     def gather_full_factors(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +201,7 @@ class _LoRAParallelMixin:
         self.lora_local_groups = groups // tp
         self.lora_merged = False
         self.lora_enabled = True
-        self.lora_slot_ids: torch.Tensor | None = None
+        self.lora_slots: SlotBatch | None = None
         nblocks = spec.settings.nblocks_for(tp)
         self.lora = nn.ModuleDict()
         # every sub-projection's local output width (untargeted ones contribute zeros to the fused output)
@@ -185,9 +229,10 @@ class _LoRAParallelMixin:
         for name, ad in self.lora.items():
             ad.reset_parameters(adapter_seed(self.lora_spec.settings.seed, f"{layer_name}.{name}"))
 
-    def set_lora_slots(self, slot_ids: torch.Tensor | None) -> None:
-        """Per-token adapter slot for the next forwards ([tokens], -1 = base only); None = slot 0 everywhere."""
-        self.lora_slot_ids = slot_ids
+    def set_lora_slots(self, slots: torch.Tensor | SlotBatch | None) -> None:
+        """Per-token adapter slots for the next forwards: slot ids [tokens] (-1 = base only) or their
+        grouping (built once per step and shared by all layers); None = slot 0 everywhere (training)."""
+        self.lora_slots = SlotBatch.from_slot_ids(slots) if isinstance(slots, torch.Tensor) else slots
 
     def _combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Interleave sub-projection outputs into the fused layout: per group, [proj0 | proj1 | ...].
@@ -208,13 +253,18 @@ class _LoRAParallelMixin:
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's LoRA contribution to the base layer's local output (partial sum for row layers)."""
         adapters = list(self.lora.values())
-        slots = self.lora_slot_ids
+        batch = self.lora_slots
         plan = adapters[0].plan
-        zs = gather_rank_intermediates([ad.shrink(x, slots) for ad in adapters], plan.collective, self.tp_group)
-        y = self._combine({name: ad.expand(z, slots) for (name, ad), z in zip(self.lora.items(), zs)})
+        lead = x.shape[:-1]
+        if batch is not None:
+            x = batch.gather(x.reshape(-1, x.shape[-1]))  # [n, in_local]: tokens with an adapter, by slot
+        zs = gather_rank_intermediates([ad.shrink(x, batch) for ad in adapters], plan.collective, self.tp_group)
+        y = self._combine({name: ad.expand(z, batch) for (name, ad), z in zip(self.lora.items(), zs)})
         if plan.output_is_slice:  # row S-LoRA: place this rank's d_out/tp slice in the full partial
             width = y.shape[-1]
             y = F.pad(y, (adapters[0].tp_rank * width, (plan.tp - 1 - adapters[0].tp_rank) * width))
+        if batch is not None:
+            y = batch.scatter(y).reshape(*lead, y.shape[-1])  # [..., out_local], zero for base-only tokens
         return y
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 (megatron's signature)

@@ -103,7 +103,7 @@ def transformer_config(hf_config: dict, tp: int, dtype: str = "float32") -> Tran
     )
 
 
-def _layer_spec(hf_config: dict, lora: LoRASettings | None) -> ModuleSpec:
+def _layer_spec(hf_config: dict, lora: LoRASettings | None, slots: int = 1) -> ModuleSpec:
     """megatron's local GPT layer spec with LoRA layers swapped in where a target lives."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if lora is None:
@@ -125,20 +125,24 @@ def _layer_spec(hf_config: dict, lora: LoRASettings | None) -> ModuleSpec:
             projections=tuple((n, projections[n].d_out) for n in names),
             groups=groups.get(layer),
             layer_name=layer,
+            slots=slots,
         )
         setattr(holders[layer], layer, ModuleSpec(module=cls, params={"lora": lspec}))
     return spec
 
 
 def build_model(
-    hf_config: dict, tp: int, lora: LoRASettings | None = None, dtype: str = "float32"
+    hf_config: dict, tp: int, lora: LoRASettings | None = None, dtype: str = "float32", slots: int = 1
 ) -> GPTModel:
-    """The TP-sharded model of this rank (weights uninitialised: load a checkpoint next)."""
+    """The TP-sharded model of this rank (weights uninitialised: load a checkpoint next).
+
+    slots > 1 gives every LoRA layer that many adapter slots (serving: one per device-resident adapter).
+    """
     config = transformer_config(hf_config, tp, dtype)
     scaling, factor = _rope_scaling(hf_config)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(hf_config, lora),
+        transformer_layer_spec=_layer_spec(hf_config, lora, slots),
         vocab_size=padded_vocab_size(hf_config["vocab_size"], tp),
         max_sequence_length=hf_config.get("max_position_embeddings", 4096),
         parallel_output=True,

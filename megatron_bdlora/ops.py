@@ -1,41 +1,86 @@
-"""Multi-adapter LoRA factor application: one signature for training (one slot) and serving (a slot per token).
+"""Multi-adapter LoRA: add the LoRA outputs of many adapters to one batch of tokens.
 
-A LoRA branch is two `apply_factor` calls (shrink x -> rank-r, expand rank-r -> out); the sharding plan
-decides the weights' local shapes and block counts, so this module knows nothing about TP.
+A LoRA branch is a *shrink* (x -> rank space, by A) and an *expand* (rank space -> out, by B), with the
+sharding plan's collective (if any) between them; this module knows nothing about TP. Factors live in
+stacks of adapter slots sized for the largest adapter ([slots, rows, cols]); each slot has its own view
+(rows, cols, blocks) of its stack entry, so adapters of different ranks and block counts share one batch
+and a small adapter does only its own work (its slice of the stack, never padded zeros).
+
+Serving groups the batch's tokens by slot once per step (`SlotBatch`); every layer reuses that grouping:
+tokens are gathered into slot order, each slot's segment multiplies its factor view, results are scattered
+back. Training uses one slot and no grouping. The GPU kernels of the Triton issue plug in behind
+`lora_shrink` / `lora_expand`, which keep these signatures.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def apply_factor(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    blocks: int,
-    slot_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x @ factor.T for a stack of (optionally block-diagonal, packed) factors.
+@dataclass(frozen=True)
+class FactorView:
+    """The part of a slot's [rows, cols] stack entry an adapter uses, and its block count (packed BD)."""
 
-    x: [..., in]; weight: [slots, out, in / blocks] (block j maps input chunk j to output chunk j);
-    slot_ids: None (every token uses slot 0) or [tokens] with tokens = x[..., 0].numel(), -1 = no adapter.
-    Returns [..., out].
+    rows: int
+    cols: int
+    blocks: int = 1
+
+    @property
+    def in_width(self) -> int:
+        """Input features the view consumes: cols per block times blocks."""
+        return self.cols * self.blocks
+
+
+@dataclass(frozen=True)
+class SlotBatch:
+    """Tokens grouped by adapter slot for one forward step (built once, reused by every LoRA layer).
+
+    order: [n] positions (in the flattened token order) of the tokens that use an adapter, grouped by slot
+    (stable), or None when every token uses an adapter and they are already grouped (no gather/scatter).
+    segments: (slot, start, stop) ranges over the grouped rows.
     """
-    if slot_ids is None:
-        return _apply_one(x, weight[0], blocks)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])  # [t, in]
-    out = x2.new_zeros(x2.shape[0], weight.shape[1])  # [t, out]
-    for slot in torch.unique(slot_ids).tolist():
-        if slot < 0:
-            continue
-        idx = (slot_ids == slot).nonzero(as_tuple=True)[0]
-        out = out.index_copy(0, idx, _apply_one(x2.index_select(0, idx), weight[slot], blocks))
-    return out.reshape(*lead, weight.shape[1])
+
+    num_tokens: int
+    order: torch.Tensor | None
+    segments: tuple[tuple[int, int, int], ...]
+
+    @staticmethod
+    def from_slot_ids(slot_ids: torch.Tensor) -> "SlotBatch":
+        """Group tokens by slot id ([tokens], -1 = no adapter); one host sync, at step start."""
+        ids = slot_ids.reshape(-1).to("cpu", torch.int64)
+        sorted_ids, order = torch.sort(ids, stable=True)
+        values, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        segments, start, skipped = [], 0, 0
+        for slot, count in zip(values.tolist(), counts.tolist()):
+            if slot < 0:
+                skipped += count
+                continue
+            segments.append((slot, start, start + count))
+            start += count
+        order = order[skipped:]
+        if skipped == 0 and bool((order == torch.arange(ids.numel())).all()):
+            order = None
+        return SlotBatch(ids.numel(), order if order is None else order.to(slot_ids.device), tuple(segments))
+
+    @property
+    def grouped_tokens(self) -> int:
+        return self.num_tokens if self.order is None else self.order.numel()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, d] -> [grouped tokens, d] in slot order."""
+        return x if self.order is None else x.index_select(0, self.order)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """[grouped tokens, d] -> [tokens, d], zeros for tokens without an adapter."""
+        if self.order is None:
+            return y
+        return y.new_zeros(self.num_tokens, y.shape[-1]).index_copy(0, self.order, y)
 
 
-def _apply_one(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
-    """x @ W.T with W packed block-diagonal: [out, in/blocks]."""
+def matmul_packed(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """x @ W.T with W packed block-diagonal [out, in / blocks] (block j maps input chunk j to output chunk j)."""
     if blocks == 1:
         return torch.matmul(x, weight.t())
     out_dim, block_in = weight.shape
@@ -45,9 +90,45 @@ def _apply_one(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tens
     return yb.reshape(*x.shape[:-1], out_dim)
 
 
-def scale_rows(z: torch.Tensor, scaling: torch.Tensor, slot_ids: torch.Tensor | None) -> torch.Tensor:
-    """Multiply each token's rank-r intermediate by its slot's LoRA scaling (alpha / r or alpha / sqrt(r))."""
-    if slot_ids is None:
-        return z * scaling[0]
-    per_token = scaling[slot_ids.clamp(min=0)].to(z.dtype)  # [t]
-    return (z.reshape(-1, z.shape[-1]) * per_token[:, None]).reshape(z.shape)
+def lora_shrink(
+    x: torch.Tensor, weight: torch.Tensor, views: list[FactorView | None], batch: SlotBatch
+) -> torch.Tensor:
+    """Rank-space activations of grouped tokens: x [n, in] (slot order) -> [n, R], R = weight.shape[1].
+
+    weight: [slots, R, C]; slot s uses weight[s, :rows, :cols] with its block count; columns beyond a slot's
+    rows stay zero (so a later all-reduce or all-gather of the whole [n, R] is exact).
+    """
+    out = x.new_zeros(x.shape[0], weight.shape[1])  # [n, R]
+    for slot, lo, hi in batch.segments:
+        v = views[slot]
+        if v is not None:
+            out[lo:hi, : v.rows] = matmul_packed(x[lo:hi, : v.in_width], weight[slot, : v.rows, : v.cols], v.blocks)
+    return out
+
+
+def lora_expand(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    views: list[FactorView | None],
+    scalings: list[float],
+    batch: SlotBatch,
+    in_chunks: int = 1,
+) -> torch.Tensor:
+    """Scaled LoRA outputs of grouped tokens: z [n, in_chunks * R] -> [n, O], O = weight.shape[1].
+
+    in_chunks > 1: z is an all-gather of in_chunks ranks' [n, R] pieces; a slot's rank space is the first
+    in_width / in_chunks columns of every piece (S-LoRA column layers).
+    """
+    out = z.new_zeros(z.shape[0], weight.shape[1])  # [n, O]
+    piece = z.shape[1] // in_chunks
+    for slot, lo, hi in batch.segments:
+        v = views[slot]
+        if v is None:
+            continue
+        zs = z[lo:hi]
+        if in_chunks > 1:
+            zs = zs.reshape(hi - lo, in_chunks, piece)[:, :, : v.in_width // in_chunks].reshape(hi - lo, v.in_width)
+        else:
+            zs = zs[:, : v.in_width]
+        out[lo:hi, : v.rows] = matmul_packed(zs * scalings[slot], weight[slot, : v.rows, : v.cols], v.blocks)
+    return out

@@ -1,0 +1,1 @@
+"""Multi-adapter serving on megatron-core's dynamic inference engine (paged KV cache, continuous batching)."""

@@ -1,0 +1,88 @@
+"""Adapters as the serving model holds them: validated host copies of one rank's slices, written into slots.
+
+An adapter directory (native or PEFT) is converted to the server's sharding mode at the server's TP through
+the sharding plan (checkpoint/reshard.py: exact, or refused with the reason), checked against the base
+model and the slot capacity, and kept on the host as this rank's slices. Writing it into a slot copies
+each layer's slices into that slot's share of the layer's factor stacks; an adapter keeps its own rank
+and block count there (no padding work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_bdlora.adapter_loading import NATIVE_MANIFEST, adapter_kind
+from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, base_shape, factor_key, load_native
+from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+from megatron_bdlora.model import lora_layers
+from megatron_bdlora.sharding import Mode, ShardingPlan
+
+
+@dataclass
+class HostAdapter:
+    """One adapter on the host: settings, per-projection plans at the server's TP and mode, this rank's slices."""
+
+    name: str
+    path: str
+    settings: LoRASettings
+    plans: dict[str, ShardingPlan]
+    shards: dict[str, torch.Tensor]  # native keys layers.{l}.{proj}.lora_A|B -> this rank's slice
+
+    @property
+    def rank(self) -> int:
+        return self.settings.rank
+
+
+def serving_settings(mode: Mode | str, tp: int, max_lora_rank: int) -> LoRASettings:
+    """The model's slot capacity: all seven projections at the largest rank (rounded up to a multiple of TP)."""
+    rank = -(-max_lora_rank // tp) * tp
+    return LoRASettings(rank=rank, alpha=float(rank), mode=mode, targets=ALL_TARGETS)
+
+
+def read_adapter(path: str | Path, hf_config: dict, tp: int, mode: Mode | str) -> AdapterCheckpoint:
+    """A native or PEFT adapter directory as a whole adapter in the server's mode at its TP (exact or refused)."""
+    from megatron_bdlora.checkpoint.peft import import_peft
+    from megatron_bdlora.checkpoint.reshard import reshard
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter path {path} does not exist or is not a directory")
+    kind = adapter_kind(path)  # FileNotFoundError naming both expected files
+    if kind == "native":
+        ckpt = load_native(path)
+        want = base_shape(hf_config)
+        if ckpt.base_shape != want:
+            diff = {k: (ckpt.base_shape.get(k), v) for k, v in want.items() if ckpt.base_shape.get(k) != v}
+            raise ValueError(f"{path}/{NATIVE_MANIFEST}: adapter was trained for another base model (adapter, server): {diff}")
+        return reshard(ckpt, tp, mode)
+    return import_peft(path, hf_config, tp, mode)  # BD -> slora / replicated is exact; LoRA -> BD refused
+
+
+def load_host_adapter(
+    name: str, path: str | Path, hf_config: dict, tp: int, tp_rank: int, mode: Mode | str, max_lora_rank: int
+) -> HostAdapter:
+    """Read, convert and validate an adapter; keep this rank's slices (ValueError / FileNotFoundError if unfit)."""
+    ckpt = read_adapter(path, hf_config, tp, mode)
+    if ckpt.settings.rank > serving_settings(mode, tp, max_lora_rank).rank:
+        raise ValueError(f"adapter {name!r} ({path}) has rank {ckpt.settings.rank} > --max-lora-rank {max_lora_rank}")
+    plans = ckpt.plans()
+    return HostAdapter(name, str(path), ckpt.settings, plans, ckpt.rank_state(tp_rank))
+
+
+@torch.no_grad()
+def write_slot(model: torch.nn.Module, slot: int, adapter: HostAdapter | None) -> None:
+    """Put an adapter's slices into `slot` of every LoRA layer (None: clear the slot everywhere)."""
+    for (layer, proj), (module, name) in lora_layers(model).items():
+        lora = module.lora[name]
+        if adapter is None or proj not in adapter.plans:
+            lora.clear_slot(slot)
+            continue
+        a = adapter.shards[factor_key(layer, proj, "A")]
+        b = adapter.shards[factor_key(layer, proj, "B")]
+        try:
+            lora.load_slot(slot, a, b, adapter.plans[proj], adapter.settings.scaling)
+        except ValueError as err:
+            raise ValueError(f"adapter {adapter.name!r}, layer {layer} {proj}: {err}") from None

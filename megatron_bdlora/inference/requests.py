@@ -1,0 +1,76 @@
+"""What crosses the boundary between the HTTP front end (rank 0) and the serving loop: requests and token events.
+
+Plain dataclasses, picklable, so that the serving loop can broadcast them to every TP rank unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Per-request decoding settings (OpenAI / vLLM meanings); validated by `check()` before a request is queued."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = -1  # -1 or 0 = off (vLLM's -1)
+    seed: int | None = None  # the same seed (and prompt, adapter) gives the same text
+    stop: tuple[str, ...] = ()  # stop strings: output ends before the first occurrence
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the output (EOS always does unless ignore_eos)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def check(self, prompt_tokens: int, max_model_len: int) -> None:
+        """ValueError naming the field and the allowed range (the server answers 400 with it)."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if prompt_tokens < 1:
+            raise ValueError("the prompt is empty (0 tokens)")
+        if prompt_tokens + self.max_tokens > max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({self.max_tokens}) exceeds the context length "
+                f"max_model_len={max_model_len}"
+            )
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0)):
+            raise ValueError(f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt (token ids) for one adapter (None = the base model)."""
+
+    request_id: int
+    prompt_ids: tuple[int, ...]
+    adapter: str | None
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one engine step produced for one request (rank 0 only).
+
+    token_ids are the *new* visible tokens (stop strings and stop ids already cut off); `text` is their
+    detokenised text delta; the last event of a request has finished=True and a finish_reason:
+    'stop' (EOS, stop id or stop string), 'length' (max_tokens reached), 'abort' (cancelled or adapter
+    unloaded) or 'error' (with `error` saying why).
+    """
+
+    request_id: int
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # visible tokens so far, including these
