@@ -248,7 +248,7 @@ class _LoRAParallelMixin:
         g = self.lora_local_groups
         grouped = [o.reshape(*o.shape[:-1], g, o.shape[-1] // g) for o in outputs]  # [..., g, out_s/g]
         fused = torch.cat(grouped, dim=-1)  # [..., g, sum out_s/g]
-        return fused.reshape(*fused.shape[:-2], -1)
+        return fused.reshape(*fused.shape[:-2], fused.shape[-2] * fused.shape[-1])
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's LoRA contribution to the base layer's local output (partial sum for row layers)."""
@@ -269,8 +269,8 @@ class _LoRAParallelMixin:
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 (megatron's signature)
         base = super()._forward_impl(input, weight, *args, **kwargs)
-        if self.lora_merged or not self.lora_enabled:
-            return base
+        if self.lora_merged or not self.lora_enabled or (self.lora_slots is not None and not self.lora_slots.segments):
+            return base  # (a serving step whose tokens all use the base model: the same on every rank)
         return base + self.lora_forward(input).to(base.dtype)
 
     @torch.no_grad()

@@ -1,0 +1,172 @@
+"""CPU stand-ins for the CUDA-only pieces of megatron-core's dynamic inference stack; applied only without CUDA.
+
+megatron-core 0.16.1's DynamicInferenceEngine / DynamicInferenceContext / TextGenerationController run on CPU
+once a few CUDA-only calls are replaced (NVTX ranges, CUDA events and syncs, pinned buffers, the Triton KV
+append) and its flash-attn paged attention has a torch equivalent. Everything else (paged KV cache,
+scheduling, chunked prefill, pausing, eviction, sampling) is megatron's own code. On GPU hosts nothing here runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_applied = False
+
+
+def apply_cpu_inference_fallbacks() -> bool:
+    """Patch megatron's inference stack for a CPU-only torch; idempotent, returns False (and patches nothing) on GPU."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.inference.engines import dynamic_engine
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+    from megatron.core.transformer import attention
+
+    # NVTX ranges: dynamic_engine imported range_push/range_pop by name; inference_request calls torch.cuda.nvtx.*
+    dynamic_engine.range_push = torch.cuda.nvtx.range_push = _no_op
+    dynamic_engine.range_pop = torch.cuda.nvtx.range_pop = _no_op
+    # torch.cuda.Event (engine.reset() times each step with a pair of them)
+    torch.cuda.Event = _CpuEvent
+    # torch.cuda.synchronize (engine.resume() syncs around re-allocation)
+    torch.cuda.synchronize = _no_op
+    # suspend/resume log torch.cuda.memory_stats() keys, which a CPU build leaves empty
+    dynamic_engine.DynamicInferenceEngine.suspend_resume_ctx = staticmethod(_untimed_ctx)
+    # pinned host buffers for the sampling metadata (pinning needs a CUDA allocator)
+    TextGenerationController._init_dynamic_sampling_tensors = _unpinned(
+        TextGenerationController._init_dynamic_sampling_tensors
+    )
+    # the Triton KV-append kernel (asserts CUDA tensors): None selects the context's torch indexing path
+    dynamic_context.triton_append_key_value_cache = None
+    # the flash-attn >= 2.7.3 assertion for dynamic batching (its only use in attention.py)
+    attention.is_fa_min_version = lambda version, *args, **kwargs: True
+    # flash-attn varlen / kvcache kernels over the paged cache
+    attention.Attention.flash_decode_and_prefill = paged_attention
+    _applied = True
+    return True
+
+
+def _no_op(*args, **kwargs) -> None:
+    return None
+
+
+class _CpuEvent:
+    """torch.cuda.Event's timing subset on the host clock: record(), synchronize(), elapsed_time() in ms."""
+
+    def __init__(self, enable_timing: bool = False, **kwargs) -> None:
+        self._t: float | None = None
+
+    def record(self, stream=None) -> None:
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_CpuEvent") -> float:
+        return (end._t - self._t) * 1e3
+
+
+@contextlib.contextmanager
+def _untimed_ctx(key: str, *, unified_memory_level: int):
+    yield
+
+
+def _unpinned(init_sampling_tensors):
+    """The controller's buffer setup with `pin_memory=True` dropped from its torch.empty_like calls."""
+
+    def wrapper(self) -> None:
+        empty_like = torch.empty_like
+
+        def empty_like_unpinned(*args, pin_memory: bool = False, **kwargs):
+            return empty_like(*args, **kwargs)
+
+        torch.empty_like = empty_like_unpinned
+        try:
+            init_sampling_tensors(self)
+        finally:
+            torch.empty_like = empty_like
+
+    return wrapper
+
+
+def paged_attention(
+    self,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    max_seqlen_q,
+    max_seqlen_k,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    seqlens_k: Tensor,
+    block_table: Tensor,
+    is_decode_only: bool,
+    **kwargs,
+) -> Tensor:
+    """Causal attention of packed queries over megatron's paged KV cache (torch stand-in for flash-attn).
+
+    Request i owns queries cu_seqlens_q[i]:cu_seqlens_q[i+1] (lq of them, already in the cache) and the
+    first L = seqlens_k[i] cached tokens, stored in blocks block_table[i, :ceil(L / block_size)]; its query j
+    sits at position L - lq + j. Single-query requests (decode steps, one-token chunks) share one batched
+    SDPA with a key-padding mask; multi-token chunks (prefill) go one by one. Padding rows (lq = 0) give zeros.
+    """
+    if any(value is not None for value in kwargs.values()):
+        raise NotImplementedError(f"CPU paged attention does not support {sorted(kwargs)}")
+    scale = getattr(self, "softmax_scale", None)  # as megatron's flash path: MLA sets one, else 1/sqrt(D)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q.squeeze(1)  # [T, Hq, D] packed queries of this step (T = padded token count)
+    block_size = k.shape[1]  # k, v: [blocks, block_size, Hkv, D] this layer's cache
+    out = torch.zeros_like(q)  # [T, Hq, D]
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [R] (R = padded request count; 0 for padding)
+
+    single = torch.nonzero(q_lens == 1).squeeze(1)  # [r]
+    if single.numel():
+        lens = seqlens_k[single].long()  # [r]
+        n_blocks = math.ceil(int(lens.max()) / block_size)
+        blocks = block_table[single, :n_blocks].clamp(min=0)  # [r, n] (-1 = unused slot; masked below)
+        visible = torch.arange(n_blocks * block_size) < lens[:, None]  # [r, n*bs] the query is last: sees all L
+        # slots past L may never have been written (torch.empty: NaN, inf); zeroed, as SDPA's 0 weight * NaN is NaN
+        hidden = ~visible[:, None, :, None]  # [r, 1, n*bs, 1]
+        keys = k[blocks].flatten(1, 2).transpose(1, 2).masked_fill(hidden, 0)  # [r, n, bs, Hkv, D] -> [r, Hkv, n*bs, D]
+        values = v[blocks].flatten(1, 2).transpose(1, 2).masked_fill(hidden, 0)  # [r, Hkv, n*bs, D]
+        tokens = cu_seqlens_q[single].long()  # [r]
+        attended = F.scaled_dot_product_attention(
+            q[tokens].unsqueeze(2),  # [r, Hq, 1, D]
+            keys,
+            values,
+            attn_mask=visible[:, None, None, :],  # [r, 1, 1, n*bs]
+            scale=scale,
+            enable_gqa=True,
+        )  # [r, Hq, 1, D]
+        out[tokens] = attended.squeeze(2)
+
+    for i in torch.nonzero(q_lens > 1).squeeze(1).tolist():
+        start, lq, length = int(cu_seqlens_q[i]), int(q_lens[i]), int(seqlens_k[i])
+        blocks = block_table[i, : math.ceil(length / block_size)]  # [n]
+        keys = k[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [n, bs, Hkv, D] -> [Hkv, L, D]
+        values = v[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
+        positions = torch.arange(length - lq, length)  # [lq] behind the cached prefix
+        causal = torch.arange(length)[None, :] <= positions[:, None]  # [lq, L]
+        attended = F.scaled_dot_product_attention(
+            q[start : start + lq].transpose(0, 1),  # [Hq, lq, D]
+            keys,
+            values,
+            attn_mask=causal,
+            scale=scale,
+            enable_gqa=True,
+        )  # [Hq, lq, D]
+        out[start : start + lq] = attended.transpose(0, 1)
+    return out.unsqueeze(1)  # [T, 1, Hq, D]

@@ -1,0 +1,490 @@
+"""The serving loop: many adapters in one batch on megatron-core's DynamicInferenceEngine, every TP rank in lockstep.
+
+Every rank holds the same state machine: the engine (paged KV cache, continuous batching, chunked prefill,
+pausing and eviction), the adapter pool, the requests waiting for an adapter slot. Rank 0 alone talks to
+the outside (submit, cancel, load, unload, shutdown): each step it broadcasts what arrived since the last step
+(`broadcast_object_list`), then every rank applies the same message, admits the same requests into the same
+slots and runs the same engine step. Each request carries its slot as engine request metadata
+(`lora_slot`); before each forward the per-token slots are grouped once (ops.SlotBatch) and handed to every
+LoRA layer, so one forward serves every adapter of the batch with the sharding plan's own communication
+(none for block-diagonal adapters).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import random
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_bdlora.inference.requests import GenerationParams, GenerationRequest, TokenEvent
+
+HEARTBEAT_S = 0.5  # an idle rank 0 still broadcasts this often, so followers never wait on a dead collective
+
+
+@dataclass
+class ServingConfig:
+    """What a server runs: base checkpoint, sharding mode, adapters, pool and engine sizes."""
+
+    megatron_dir: Path
+    mode: str = "block_diagonal"
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 64
+    max_model_len: int = 2048
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    kv_cache_gb: float = 0.5
+    block_size: int = 64
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass
+class _Live:
+    """Rank 0's view of one request: where its events go and what has been shown so far."""
+
+    request: GenerationRequest
+    events: "queue.Queue[TokenEvent] | None"
+    tokens: list[int] = field(default_factory=list)  # visible tokens
+    text: str = ""  # text sent so far
+    done: bool = False
+
+
+def _track_lora_slot() -> None:
+    """Make `lora_slot` a tracked per-request engine field that survives eviction (megatron 0.16 drops added
+    sampling attributes when it checkpoints an evicted request)."""
+    from megatron.core.inference import inference_request as ir
+
+    if getattr(ir.DynamicInferenceRequest, "_bdlora_slot_tracked", False):
+        return
+    base_types = ir.DynamicInferenceRequest.get_metadata_types
+
+    def get_metadata_types() -> list:
+        return base_types() + [("lora_slot", torch.int32, True)]
+
+    base_checkpoint = ir.DynamicInferenceRequestRecord.checkpoint
+
+    def checkpoint(self, *args, **kwargs):
+        slot = self[-1].sampling_params.lora_slot
+        base_checkpoint(self, *args, **kwargs)
+        self[-1].sampling_params.add_attributes({"lora_slot": slot})
+
+    ir.DynamicInferenceRequest.get_metadata_types = staticmethod(get_metadata_types)
+    ir.DynamicInferenceRequestRecord.checkpoint = checkpoint
+    ir.DynamicInferenceRequest._bdlora_slot_tracked = True
+
+
+class ServingLoop:
+    """One TP rank's serving state; rank 0 also owns the request queues (thread-safe calls below)."""
+
+    def __init__(self, config: ServingConfig, info: Any, model: torch.nn.Module, tokenizer: Any) -> None:
+        from megatron_bdlora.inference.adapter_slots import load_host_adapter, write_slot
+        from megatron_bdlora.inference.dynamic import build_dynamic_engine
+        from megatron_bdlora.inference.pool import AdapterPool
+        from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingController
+        from megatron_bdlora.layers import _LoRAParallelMixin
+
+        _track_lora_slot()
+        self.config, self.info, self.model, self.tokenizer = config, info, model, tokenizer
+        self.is_leader = info.rank == 0
+        self.hf_config = model.hf_config
+        self.max_model_len = config.max_model_len
+        self.base_name = config.megatron_dir.name
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+        self.engine = build_dynamic_engine(
+            model,
+            tokenizer,
+            max_sequence_length=config.max_model_len,
+            max_requests=config.max_num_seqs,
+            max_tokens=config.max_num_batched_tokens,
+            buffer_size_gb=config.kv_cache_gb,
+            block_size_tokens=config.block_size,
+            params_dtype=next(model.parameters()).dtype,
+            random_seed=config.seed,
+            controller_cls=SeededSamplingController,
+        )
+        self.samplers = RequestSamplers(self.hf_config["vocab_size"])
+        self.engine.controller.samplers = self.samplers
+        self._lora_layers = [m for m in model.modules() if isinstance(m, _LoRAParallelMixin)]
+        model.register_forward_pre_hook(self._set_step_slots, with_kwargs=True)
+
+        def load_host(name: str, path: str):
+            return load_host_adapter(name, path, self.hf_config, info.tp_size, info.tp_rank, config.mode, config.max_lora_rank)
+
+        self._load_host = load_host
+        self.pool = AdapterPool(
+            config.max_loras,
+            max(config.max_cpu_loras or 0, config.max_loras, len(config.adapters)),
+            load_host,
+            lambda slot, host: write_slot(model, slot, host),
+            lambda slot: write_slot(model, slot, None),
+        )
+        for slot in range(config.max_loras):
+            write_slot(model, slot, None)
+        for name, path in config.adapters.items():
+            self.pool.register(name, str(path))
+        # replicated state (identical on every rank)
+        self.waiting: deque[GenerationRequest] = deque()  # admitted to the server, waiting for an adapter slot
+        self.adapter_of: dict[int, str | None] = {}  # requests in the engine -> adapter (to release)
+        self.unloading: list[str] = []
+        self.stopping = False
+        self.step_count = 0
+        self.counters: Counter = Counter()
+        self.count_collectives = False  # tests/benchmarks: count collectives of each engine step
+        self.step_collectives: Counter = Counter()
+        # rank 0 only
+        self._inbox: "queue.Queue[tuple]" = queue.Queue()
+        self._ids = itertools.count()
+        self._live: dict[int, _Live] = {}
+        self._done: dict[tuple[str, str], threading.Event] = {}  # (register|unregister, name) -> caller waiting
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, config: ServingConfig, info: Any) -> "ServingLoop":
+        """Build the model with `max_loras` adapter slots, load this rank's base shards, start the engine."""
+        from transformers import AutoTokenizer
+
+        from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
+        from megatron_bdlora.inference.adapter_slots import serving_settings
+        from megatron_bdlora.model import build_model, load_base_state_dict
+
+        hf_config = json.loads((Path(config.megatron_dir) / "config.json").read_text())
+        settings = serving_settings(config.mode, info.tp_size, config.max_lora_rank)
+        model = build_model(hf_config, info.tp_size, settings, config.dtype, slots=config.max_loras)
+        load_base_state_dict(model, load_megatron_rank_state(Path(config.megatron_dir), info.tp_rank, info.tp_size))
+        tokenizer = AutoTokenizer.from_pretrained(config.megatron_dir)
+        return cls(config, info, model.eval(), tokenizer)
+
+    # ---------------------------------------------------------------- rank 0: thread-safe API
+    def submit(
+        self, prompt_ids: list[int], adapter: str | None, params: GenerationParams
+    ) -> tuple[int, "queue.Queue[TokenEvent]"]:
+        """Queue a request; ValueError for bad params or prompt, KeyError for an unknown adapter."""
+        if self.stopping or not self.healthy():
+            raise RuntimeError("the server is shutting down")
+        params.check(len(prompt_ids), self.max_model_len)
+        if adapter is not None and (adapter not in self.pool.names() or adapter in self.unloading):
+            raise KeyError(f"unknown model {adapter!r}; served: {[self.base_name] + self.adapter_names()}")
+        if params.seed is None and not params.greedy:
+            params = replace(params, seed=random.getrandbits(63))
+        request = GenerationRequest(next(self._ids), tuple(int(t) for t in prompt_ids), adapter, params)
+        events: "queue.Queue[TokenEvent]" = queue.Queue()
+        self._live[request.request_id] = _Live(request, events)
+        self._inbox.put(("add", request))
+        return request.request_id, events
+
+    def cancel(self, request_id: int) -> None:
+        """Abort a request (client gone); its queue gets a final 'abort' event."""
+        self._inbox.put(("cancel", request_id))
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Register an adapter on every rank (validated here first: ValueError / FileNotFoundError)."""
+        if not name:
+            raise ValueError("lora_name must be a non-empty string")
+        if name in self.pool.names() or name == self.base_name:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        self._load_host(name, path)  # validation: the same reading every rank does next
+        self._wait("register", name, ("register", name, str(path)))
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; waits for its in-flight and waiting requests to finish first."""
+        if name not in self.pool.names() or name in self.unloading:
+            raise KeyError(f"adapter {name!r} is not loaded")
+        self._wait("unregister", name, ("unregister", name))
+
+    def adapter_names(self) -> list[str]:
+        return [n for n in self.pool.names() if n not in self.unloading]
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for /metrics."""
+        ctx = self.engine.context
+        pool = self.pool.stats()
+        return {
+            "running": float(ctx.total_request_count - ctx.paused_request_count),
+            "paused": float(ctx.paused_request_count),
+            "waiting": float(len(self.waiting) + len(self.engine.waiting_request_ids)),
+            "generated_tokens_total": float(self.counters["generated_tokens"]),
+            "prompt_tokens_total": float(self.counters["prompt_tokens"]),
+            "requests_finished_total": float(self.counters["finished"]),
+            "engine_evictions_total": float(self.engine.evicted_request_count),
+            "adapter_loads_total": float(pool["loads"]),
+            "adapter_evictions_total": float(pool["evictions"]),
+            "adapters_resident": float(pool["resident"]),
+            "engine_steps_total": float(self.step_count),
+        }
+
+    def healthy(self) -> bool:
+        return self._error is None and (self._thread is None or self._thread.is_alive() or self.stopping)
+
+    def start(self) -> None:
+        """Rank 0: step in a background thread until shutdown."""
+        self._thread = threading.Thread(target=self._run, name="serving-loop", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop every rank's loop (after the requests in flight finish, if drain)."""
+        self._inbox.put(("stop", drain))
+        if self._thread is not None:
+            self._thread.join()
+
+    def run_follower(self) -> None:
+        """Ranks != 0: step in lockstep with rank 0 until it stops."""
+        while not self.stopping:
+            self.step(wait=True)
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                self.step(wait=True)
+        except BaseException as err:  # a collective failed (a rank died) or a bug: the server must not go on
+            self._error = err
+            for live in list(self._live.values()):
+                self._finish(live, "error", error=f"serving loop failed: {err}")
+            raise
+
+    def _wait(self, kind: str, name: str, item: tuple) -> None:
+        """Queue an adapter operation for the next step and block until every rank has applied it."""
+        done = self._done[(kind, name)] = threading.Event()
+        done.error = None
+        self._inbox.put(item)
+        while not done.wait(0.2):
+            if not self.healthy():
+                raise RuntimeError(f"serving loop stopped: {self._error}")
+        if done.error is not None:
+            raise done.error
+
+    def _signal(self, kind: str, name: str, error: BaseException | None = None) -> None:
+        done = self._done.pop((kind, name), None) if self.is_leader else None
+        if done is not None:
+            done.error = error
+            done.set()
+
+    # ---------------------------------------------------------------- every rank: one step
+    def step(self, wait: bool = False) -> None:
+        """One lockstep iteration: agree on the message, apply it, admit, run one engine step, publish."""
+        message = self._collect(wait) if self.is_leader else None
+        if self.info.tp_size > 1:
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        self._apply(message)
+        self._admit()
+        if self.engine.has_unfinished_requests():
+            self._engine_step()
+        self._retire_unloads()
+        self.step_count += 1
+
+    def _collect(self, wait: bool) -> list[tuple]:
+        """Rank 0: everything that arrived since the last step (waits up to a heartbeat when idle)."""
+        items = []
+        idle = not self.engine.has_unfinished_requests() and not self.waiting and not self.unloading
+        if wait and idle:
+            try:
+                items.append(self._inbox.get(timeout=HEARTBEAT_S))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _apply(self, message: list[tuple]) -> None:
+        for item in message:
+            kind = item[0]
+            if kind == "add":
+                self.waiting.append(item[1])
+                self.counters["prompt_tokens"] += len(item[1].prompt_ids)
+            elif kind == "cancel":
+                self._cancel(item[1], "abort")
+            elif kind == "register":
+                self._register(item[1], item[2])
+            elif kind == "unregister":
+                self.unloading.append(item[1])
+            elif kind == "stop":
+                self._stop(drain=item[1])
+
+    def _register(self, name: str, path: str) -> None:
+        err = None
+        try:
+            self.pool.register(name, path)
+        except (ValueError, FileNotFoundError) as e:  # validated on rank 0 just before; only a race gets here
+            err = e
+        self._signal("register", name, err)
+
+    def _stop(self, drain: bool) -> None:
+        self.stopping = True
+        if not drain:
+            for rid in list(self.adapter_of) + [r.request_id for r in self.waiting]:
+                self._cancel(rid, "abort")
+        while self.engine.has_unfinished_requests() or self.waiting:
+            self._admit()
+            if self.engine.has_unfinished_requests():
+                self._engine_step()
+
+    def _admit(self) -> None:
+        """Move waiting requests into the engine as their adapters get slots (FIFO per adapter; a request whose
+        adapter cannot get a slot now waits without blocking requests for resident adapters)."""
+        from megatron.core.inference.sampling_params import SamplingParams
+
+        blocked: set[str] = set()
+        still = deque()
+        for req in self.waiting:
+            slot = -1
+            if req.adapter is not None:
+                slot = None if req.adapter in blocked else self.pool.acquire(req.adapter)
+                if slot is None:
+                    blocked.add(req.adapter)
+                    still.append(req)
+                    continue
+            p = req.params
+            sp = SamplingParams(
+                num_tokens_to_generate=p.max_tokens,
+                termination_id=-1 if p.ignore_eos else self.eos_id,
+                top_k=1,
+            )
+            sp.add_attributes({"lora_slot": slot})
+            self.samplers.add(req.request_id, p, p.seed or 0)
+            self.adapter_of[req.request_id] = req.adapter
+            self.engine.add_request(req.request_id, list(req.prompt_ids), sp)
+        self.waiting = still
+
+    def _engine_step(self) -> None:
+        if self.count_collectives:
+            from megatron_bdlora.comm_count import count_collectives
+
+            with count_collectives() as counts:
+                result = self.engine.step_modern()
+            self.step_collectives = counts
+        else:
+            result = self.engine.step_modern()
+        finished = {rec.request_id: rec for rec in result["finished_request_records"]}
+        if self.is_leader:
+            for rid in result["active_request_ids"]:
+                self._publish(rid, self._tokens(self.engine.requests[rid].record), None)
+        for rid, rec in finished.items():
+            tokens = self._tokens(rec)
+            if self.is_leader:
+                self._publish(rid, tokens, rec)
+            self._release(rid)
+
+    @staticmethod
+    def _tokens(record: Any) -> list[int]:
+        """All tokens generated so far across evictions (each checkpoint starts a new request in the record)."""
+        return [int(t) for r in record.requests for t in r.generated_tokens]
+
+    def _release(self, rid: int) -> None:
+        adapter = self.adapter_of.pop(rid, None)
+        self.samplers.remove(rid)
+        if adapter is not None:
+            self.pool.release(adapter)
+        self.counters["finished"] += 1
+
+    def _cancel(self, rid: int, reason: str) -> None:
+        """Remove a request wherever it is; the same on every rank."""
+        for req in list(self.waiting):
+            if req.request_id == rid:
+                self.waiting.remove(req)
+                self.counters["finished"] += 1
+                break
+        else:
+            if rid in self.adapter_of:
+                self._abort_in_engine(rid)
+        if self.is_leader and rid in self._live:
+            self._finish(self._live[rid], reason)
+
+    def _abort_in_engine(self, rid: int) -> None:
+        """Finish a request early: out of the engine's queue, or its length cap lowered so it ends next step."""
+        engine, ctx = self.engine, self.engine.context
+        if rid in engine.waiting_request_ids and rid != ctx.chunked_prefill_request_id:
+            engine.waiting_request_ids.remove(rid)
+            engine.requests.pop(rid, None)
+            self._release(rid)
+            return
+        idx = (ctx.request_ids[: ctx.total_request_count] == rid).nonzero()
+        if len(idx):
+            ctx.request_output_lengths[idx[0, 0]] = 0  # length >= cap: finished at the next bookkeeping
+
+    def _retire_unloads(self) -> None:
+        for name in list(self.unloading):
+            if self.pool.pinned(name) == 0 and all(r.adapter != name for r in self.waiting):
+                self.pool.unregister(name)
+                self.unloading.remove(name)
+                self._signal("unregister", name)
+
+    # ---------------------------------------------------------------- rank 0: events to the requests' queues
+    def _set_step_slots(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: per-token adapter slots of this step, grouped once for every LoRA layer."""
+        from megatron_bdlora.ops import SlotBatch
+
+        ctx = self.engine.context
+        input_ids = args[0] if args else kwargs["input_ids"]  # [1, padded tokens]
+        n, padded = ctx.active_token_count, input_ids.shape[-1]
+        slots = ctx.request_metadata["lora_slot"][ctx.token_to_request_idx[:n].long()]  # [n]
+        if padded > n:
+            slots = torch.cat([slots, slots.new_full((padded - n,), -1)])
+        batch = SlotBatch.from_slot_ids(slots)
+        for layer in self._lora_layers:
+            layer.set_lora_slots(batch)
+
+    def _publish(self, rid: int, tokens: list[int], record: Any) -> None:
+        """Send the new visible tokens and text of a request; apply stop ids, stop strings and the finish."""
+        live = self._live.get(rid)
+        if live is None or live.done:
+            return
+        p = live.request.params
+        finish = None
+        for i in range(len(live.tokens), len(tokens)):
+            tok = tokens[i]
+            if tok in p.stop_token_ids or (tok == self.eos_id and not p.ignore_eos):
+                tokens, finish = tokens[:i], "stop"
+                break
+        new = tokens[len(live.tokens) :]
+        self.counters["generated_tokens"] += len(new)
+        live.tokens = tokens
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in p.stop if s) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        if finish is None and record is not None:
+            finish = "length"
+        if finish is None:  # hold back what could still become a stop string or a multi-byte character
+            hold = max((len(s) - 1 for s in p.stop), default=0)
+            shown = text[: len(text) - hold] if hold else text
+            shown = shown.rstrip("\ufffd")
+            if len(shown) > len(live.text) or new:
+                live.events.put(self._event(live, tuple(new), shown[len(live.text) :]))
+                live.text = max(shown, live.text, key=len)
+            return
+        live.events.put(self._event(live, tuple(new), text[len(live.text) :], finish))
+        live.text, live.done = text, True
+        self._live.pop(rid, None)
+        if record is None:  # stopped by us before the engine finished it: free its engine slot too
+            self._inbox.put(("cancel", rid))
+
+    def _event(self, live: _Live, tokens: tuple[int, ...], text: str, finish: str | None = None, error: str | None = None) -> TokenEvent:
+        return TokenEvent(
+            live.request.request_id, tokens, text, finish is not None, finish, error,
+            len(live.request.prompt_ids), len(live.tokens),
+        )
+
+    def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
+        if live.done:
+            return
+        live.done = True
+        live.events.put(self._event(live, (), "", reason, error))
+        self._live.pop(live.request.request_id, None)
