@@ -32,13 +32,13 @@ def serve_base(tp: int) -> Path:
 
 
 def adapter_settings(tp: int) -> dict[str, LoRASettings]:
-    """Four BD adapters: different ranks, targets, rsLoRA, and one with nblocks = 2 * TP."""
+    """BD adapters with different ranks (multiples of their nblocks), targets, rsLoRA, and one with nblocks = 2 * TP."""
     return {
-        "a0": LoRASettings(rank=8, alpha=16, nblocks=tp),
-        "a1": LoRASettings(rank=4, alpha=8, use_rslora=True, nblocks=tp, targets=("q_proj", "v_proj", "o_proj", "down_proj")),
-        "a2": LoRASettings(rank=8, alpha=8, nblocks=2 * tp),
-        "a3": LoRASettings(rank=16, alpha=32, nblocks=tp, targets=("k_proj", "gate_proj", "up_proj")),
-        "a4": LoRASettings(rank=4, alpha=4, nblocks=tp, targets=ALL_TARGETS),
+        "a0": LoRASettings(rank=4 * tp, alpha=16, nblocks=tp),
+        "a1": LoRASettings(rank=2 * tp, alpha=8, use_rslora=True, nblocks=tp, targets=("q_proj", "v_proj", "o_proj", "down_proj")),
+        "a2": LoRASettings(rank=4 * tp, alpha=8, nblocks=2 * tp),
+        "a3": LoRASettings(rank=8 * tp, alpha=32, nblocks=tp, targets=("k_proj", "gate_proj", "up_proj")),
+        "a4": LoRASettings(rank=2 * tp, alpha=4, nblocks=tp, targets=ALL_TARGETS),
     }
 
 
@@ -56,29 +56,38 @@ def write_adapters(root: Path, meg_dir: Path, tp: int, names: list[str]) -> dict
 
 
 @torch.no_grad()
-def merged_reference(
-    meg_dir: Path, tp: int, tp_rank: int, adapter_dir: str | None, mode: str, prompt: list[int], steps: int
-) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and last-token logits per step of one request alone: adapter merged, full recompute."""
+def merged_references(
+    meg_dir: Path, tp: int, tp_rank: int, adapters: dict[str, str], mode: str, requests: list[tuple[list[int], str | None, int]]
+) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """Per request (prompt, adapter or None, steps), alone: greedy tokens and last-token logits per step with the
+    adapter merged into the base weights and the whole sequence recomputed (no KV cache) every step."""
     from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
     from megatron_bdlora.inference.adapter_slots import read_adapter
     from megatron_bdlora.layers import _LoRAParallelMixin
     from megatron_bdlora.model import build_model, forward_logits, load_base_state_dict, load_full_adapter
 
     hf_config = json.loads((meg_dir / "config.json").read_text())
-    ckpt = None if adapter_dir is None else read_adapter(adapter_dir, hf_config, tp, mode)
-    model = build_model(hf_config, tp, None if ckpt is None else ckpt.settings)
-    load_base_state_dict(model, load_megatron_rank_state(meg_dir, tp_rank, tp))
-    if ckpt is not None:
-        load_full_adapter(model, ckpt.factors, scaling=ckpt.settings.scaling)
-        for module in model.modules():
-            if isinstance(module, _LoRAParallelMixin):
-                module.merge_lora()
-    model.eval()
-    ids, tokens, logits = list(prompt), [], []
-    for _ in range(steps):
-        last = forward_logits(model, torch.tensor([ids]))[0, -1].float()
-        logits.append(last)
-        tokens.append(int(last.argmax()))
-        ids.append(tokens[-1])
-    return tokens, logits
+    base_state = load_megatron_rank_state(meg_dir, tp_rank, tp)
+    out: list = [None] * len(requests)
+    for name in dict.fromkeys(a for _, a, _ in requests):
+        ckpt = None if name is None else read_adapter(adapters[name], hf_config, tp, mode)
+        model = build_model(hf_config, tp, None if ckpt is None else ckpt.settings)
+        load_base_state_dict(model, base_state)
+        if ckpt is not None:
+            load_full_adapter(model, ckpt.factors, scaling=ckpt.settings.scaling)
+            for module in model.modules():
+                if isinstance(module, _LoRAParallelMixin):
+                    module.merge_lora()
+        model.eval()
+        for i, (prompt, adapter, steps) in enumerate(requests):
+            if adapter != name:
+                continue
+            ids, tokens, logits = list(prompt), [], []
+            for _ in range(steps):
+                last = forward_logits(model, torch.tensor([ids]))[0, -1].float()
+                logits.append(last)
+                tokens.append(int(last.argmax()))
+                ids.append(tokens[-1])
+            out[i] = (tokens, logits)
+        del model
+    return out

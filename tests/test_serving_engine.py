@@ -5,12 +5,13 @@ the same request alone with its adapter merged into the base weights and recompu
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
 
 from megatron_bdlora.local_ranks import run_distributed
-from serving_reference import merged_reference, serve_base, write_adapters
+from serving_reference import SERVE_LLAMA, merged_references, serve_base, write_adapters
 
 MODES = ("block_diagonal", "slora", "replicated")
 
@@ -60,8 +61,7 @@ def stream_worker(info, meg_dir, adapters, mode, stream, loop_kwargs):
             break
     stats = {"engine_evictions": loop.engine.evicted_request_count, "pool": loop.pool.stats(), "steps": step}
     logits = {i: loop.samplers.logits.get(c["rid"], []) for i, c in collected.items()}
-    refs = [merged_reference(meg_dir, info.tp_size, info.tp_rank, None if a is None else adapters[a], mode, p, n)
-            for _, p, a, n in stream]
+    refs = merged_references(meg_dir, info.tp_size, info.tp_rank, adapters, mode, [(p, a, n) for _, p, a, n in stream])
     return {"collected": collected, "logits": logits, "refs": refs, "stats": stats}
 
 
@@ -101,3 +101,132 @@ def test_mixed_adapter_stream_matches_each_request_alone_with_its_adapter_merged
     results = run_distributed(stream_worker, tp, meg, adapters, mode, stream, TIGHT)
     _check(results[0], stream, f"tp={tp} {mode}")
     assert results[0]["stats"]["engine_evictions"] > 0, "the stream was meant to force a KV-cache eviction"
+
+
+def test_two_slots_serve_five_adapters_with_evictions_and_reloads(served, tmp_path):
+    """--max-loras 2, 5 adapters in the stream: requests wait for a slot, never fail, and stay exact."""
+    meg, _ = served[2]
+    adapters = write_adapters(tmp_path, meg, 2, ["a0", "a1", "a2", "a3", "a4"])
+    stream = [(2 * i, p, a, n) for i, (_, p, a, n) in enumerate(_stream(list(adapters), 14, seed=7))]  # spread out
+    pool = dict(TIGHT, max_loras=2, max_cpu_loras=3, kv_cache_gb=0.01)
+    result = run_distributed(stream_worker, 2, meg, adapters, "block_diagonal", stream, pool)[0]
+    _check(result, stream, "tp=2, 2 slots")
+    stats = result["stats"]["pool"]
+    assert stats["evictions"] > 0 and stats["loads"] > 5, stats  # slots were recycled and adapters reloaded
+    assert stats["host_evictions"] > 0 and stats["host_loads"] > 5, stats  # and dropped from / reread into the host cache
+
+
+def collectives_worker(info, meg_dir, adapters, mode):
+    """Collectives of one decode step: 4 base-only requests, then 4 requests for 4 different adapters."""
+    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.requests import GenerationParams
+    from megatron_bdlora.layers import _LoRAParallelMixin
+    from megatron_bdlora.sharding import Collective
+
+    loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode=mode, adapters=adapters, max_loras=4,
+                                            max_lora_rank=16, max_num_batched_tokens=64), info)
+    loop.count_collectives = True
+    counts = {}
+    for label, names in (("base", [None] * 4), ("adapters", list(adapters))):
+        if info.rank == 0:
+            for i, name in enumerate(names):
+                loop.submit([100 + i, 200, 300 + i], name, GenerationParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        for _ in range(3):  # prefill, then decode steps
+            loop.step()
+            assert loop.engine.context.is_decode_only() or _ == 0
+        counts[label] = dict(loop.step_collectives)
+        while loop.engine.has_unfinished_requests():
+            loop.step()
+    extra = sum(ad.plan.collective is not Collective.NONE for m in loop.model.modules()
+                if isinstance(m, _LoRAParallelMixin) for ad in m.lora.values())
+    return counts, extra
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_step_collectives_bd_equal_base_slora_adds_the_plans(served, mode):
+    meg, adapters = served[2]
+    counts, sub_projection_collectives = run_distributed(collectives_worker, 2, meg, adapters, mode)[0]
+    base, mixed = Counter(counts["base"]), Counter(counts["adapters"])
+    assert sum(base.values()) > 0, "the base model's own all-reduces should be counted"
+    layers = SERVE_LLAMA["num_hidden_layers"]
+    if mode == "slora":
+        # one all-gather per column layer (qkv, fc1) and one all-reduce per row layer (proj, fc2): 2 per pair
+        assert mixed - base == Counter(all_gather_into_tensor=2 * layers, all_reduce=2 * layers), (base, mixed)
+        assert sub_projection_collectives == 7 * layers  # per adapter; fused sub-projections share one collective
+    else:
+        assert mixed == base, f"{mode}: a batch of 4 adapters must add no collective: {base} vs {mixed}"
+
+
+def unload_worker(info, meg_dir, adapters):
+    """Unload an adapter while its request runs (waits for it); the other requests are untouched."""
+    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.requests import GenerationParams
+
+    loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters=adapters,
+                                            max_loras=2, max_lora_rank=16, max_num_batched_tokens=64), info)
+    loop.start()
+    prompts = {"a0": [11, 12, 13, 14], "a1": [21, 22, 23], None: [31, 32, 33, 34, 35]}
+    greedy = GenerationParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    queues = {name: loop.submit(p, name, greedy)[1] for name, p in prompts.items()}
+    loop.unload_adapter("a0")  # blocks until a0's request is done
+    after = {"names": loop.adapter_names(), "metrics": loop.metrics()}
+    try:
+        loop.submit([1, 2, 3], "a0", greedy)
+        after["late_submit"] = "accepted"
+    except KeyError as err:
+        after["late_submit"] = str(err)
+    outs = {}
+    for name, q in queues.items():
+        tokens, finish = [], None
+        while finish is None:
+            ev = q.get(timeout=120)
+            tokens += ev.token_ids
+            finish = ev.finish_reason
+        outs[name] = (tokens, finish)
+    loop.shutdown()
+    refs = merged_references(meg_dir, 1, 0, adapters, "block_diagonal", [(p, n, 12) for n, p in prompts.items()])
+    return outs, [r[0] for r in refs], after
+
+
+def test_unload_waits_for_requests_in_flight_and_changes_no_other_output(served):
+    meg, adapters = served[1]
+    outs, refs, after = run_distributed(unload_worker, 1, meg, {k: adapters[k] for k in ("a0", "a1")})[0]
+    for (name, (tokens, finish)), want in zip(outs.items(), refs):
+        assert finish == "length" and tokens == want, f"{name}: {finish} {tokens} vs {want}"
+    assert after["names"] == ["a1"]
+    assert "a0" in after["late_submit"] and "unknown" in after["late_submit"]
+
+
+def sampling_worker(info, meg_dir, adapters, crowd):
+    """A seeded sampled request alone, then among other sampled requests arriving at other steps."""
+    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.requests import GenerationParams
+
+    loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters=adapters,
+                                            max_loras=4, max_lora_rank=16, max_num_batched_tokens=64), info)
+    runs = []
+    for seeds in ([7], [7] + crowd, [8]):
+        queues = []
+        for i, seed in enumerate(seeds):
+            params = GenerationParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=seed, ignore_eos=True)
+            queues.append(loop.submit([5, 6, 7, 8, 9][: 3 + i % 3], "a0" if i % 2 == 0 else None, params)[1])
+            loop.step()
+        while loop.engine.has_unfinished_requests() or loop.waiting:
+            loop.step()
+        loop.step()
+        runs.append([_drain(q) for q in queues])
+    return runs
+
+
+def _drain(q) -> list[int]:
+    tokens = []
+    while not q.empty():
+        tokens += q.get_nowait().token_ids
+    return tokens
+
+
+def test_the_same_seed_gives_the_same_text_whatever_the_batch(served):
+    meg, adapters = served[1]
+    alone, crowded, other_seed = run_distributed(sampling_worker, 1, meg, {"a0": adapters["a0"]}, [1, 2, 3, 7])[0]
+    assert len(alone[0]) == 10 and alone[0] == crowded[0], (alone[0], crowded[0])
+    assert other_seed[0] != alone[0], "another seed should sample another text"

@@ -125,7 +125,7 @@ class ServingLoop:
         self._load_host = load_host
         self.pool = AdapterPool(
             config.max_loras,
-            max(config.max_cpu_loras or 0, config.max_loras, len(config.adapters)),
+            config.max_cpu_loras or config.max_loras,  # vLLM's default; adapters beyond it are re-read when needed
             load_host,
             lambda slot, host: write_slot(model, slot, host),
             lambda slot: write_slot(model, slot, None),
