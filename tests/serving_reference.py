@@ -42,15 +42,15 @@ def adapter_settings(tp: int) -> dict[str, LoRASettings]:
     }
 
 
-def write_adapters(root: Path, meg_dir: Path, tp: int, names: list[str]) -> dict[str, str]:
-    """Native BD checkpoints with non-zero random factors; name -> directory."""
+def write_adapters(root: Path, meg_dir: Path, tp: int, names: list[str], scale: float = 0.2) -> dict[str, str]:
+    """Native BD checkpoints with non-zero random factors (entries ~ scale); name -> directory."""
     from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
 
     hf_config = json.loads((meg_dir / "config.json").read_text())
     out = {}
     for i, name in enumerate(names):
         settings = adapter_settings(tp)[name]
-        factors = random_factors(hf_config, settings, seed=100 + i, scale=0.2)
+        factors = random_factors(hf_config, settings, seed=100 + i, scale=scale)
         out[name] = str(save_native(AdapterCheckpoint(settings, hf_config, tp, factors), root / name, overwrite=True))
     return out
 

@@ -55,11 +55,12 @@ class LiveServer:
         return "".join(self.lines[-80:])
 
     def stop(self) -> int | None:
+        """SIGTERM to the server process (rank 0): it drains, stops the other ranks, and torchrun exits with them."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
+                os.kill(_rank_pid(self.proc.pid, 0), signal.SIGTERM)
                 self.proc.wait(90)
-            except subprocess.TimeoutExpired:
+            except (AssertionError, subprocess.TimeoutExpired):
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
         return self.proc.returncode

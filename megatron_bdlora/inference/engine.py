@@ -107,7 +107,7 @@ class ServingLoop:
             tokenizer,
             max_sequence_length=config.max_model_len,
             max_requests=config.max_num_seqs,
-            max_tokens=config.max_num_batched_tokens,
+            max_tokens=self._token_budget(config.max_num_batched_tokens, info.tp_size),
             buffer_size_gb=config.kv_cache_gb,
             block_size_tokens=config.block_size,
             params_dtype=next(model.parameters()).dtype,
@@ -152,6 +152,13 @@ class ServingLoop:
         self._error: BaseException | None = None
 
     # ---------------------------------------------------------------- construction
+    @staticmethod
+    def _token_budget(requested: int, tp: int) -> int:
+        """Tokens per step, rounded up to what megatron pads a step to (a multiple of 64 and of TP)."""
+        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+
+        return DynamicInferenceContext.round_up_tokens(requested, tp)
+
     @classmethod
     def create(cls, config: ServingConfig, info: Any) -> "ServingLoop":
         """Build the model with `max_loras` adapter slots, load this rank's base shards, start the engine."""
