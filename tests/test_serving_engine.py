@@ -28,6 +28,11 @@ def _stream(names: list[str], count: int, seed: int) -> list[tuple[int, list[int
     return out
 
 
+def modes_worker(info, meg_dir, adapters, modes, stream, loop_kwargs):
+    """stream_worker for several modes in one set of ranks (process start-up is most of a small test's time)."""
+    return [stream_worker(info, meg_dir, adapters, mode, stream, loop_kwargs) for mode in modes]
+
+
 def stream_worker(info, meg_dir, adapters, mode, stream, loop_kwargs):
     """Run the stream through the serving loop (rank 0 submits; every rank steps); then the references."""
     from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
@@ -94,13 +99,13 @@ TIGHT = dict(max_loras=4, max_lora_rank=16, max_model_len=64, max_num_seqs=8, ma
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("mode", MODES)
-def test_mixed_adapter_stream_matches_each_request_alone_with_its_adapter_merged(served, tp, mode):
+def test_mixed_adapter_stream_matches_each_request_alone_with_its_adapter_merged(served, tp):
     meg, adapters = served[tp]
     stream = _stream(list(adapters), 10, seed=tp)
-    results = run_distributed(stream_worker, tp, meg, adapters, mode, stream, TIGHT)
-    _check(results[0], stream, f"tp={tp} {mode}")
-    assert results[0]["stats"]["engine_evictions"] > 0, "the stream was meant to force a KV-cache eviction"
+    results = run_distributed(modes_worker, tp, meg, adapters, MODES, stream, TIGHT)
+    for mode, result in zip(MODES, results[0]):
+        _check(result, stream, f"tp={tp} {mode}")
+        assert result["stats"]["engine_evictions"] > 0, f"{mode}: the stream was meant to force a KV-cache eviction"
 
 
 def test_two_slots_serve_five_adapters_with_evictions_and_reloads(served, tmp_path):
@@ -116,8 +121,12 @@ def test_two_slots_serve_five_adapters_with_evictions_and_reloads(served, tmp_pa
     assert stats["host_evictions"] > 0 and stats["host_loads"] > 5, stats  # and dropped from / reread into the host cache
 
 
-def collectives_worker(info, meg_dir, adapters, mode):
-    """Collectives of one decode step: 4 base-only requests, then 4 requests for 4 different adapters."""
+def collectives_worker(info, meg_dir, adapters, modes):
+    """Per mode, the collectives of one decode step: 4 base-only requests, then 4 requests for 4 different adapters."""
+    return {mode: _decode_collectives(info, meg_dir, adapters, mode) for mode in modes}
+
+
+def _decode_collectives(info, meg_dir, adapters, mode):
     from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
     from megatron_bdlora.layers import _LoRAParallelMixin
@@ -142,19 +151,19 @@ def collectives_worker(info, meg_dir, adapters, mode):
     return counts, extra
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_decode_step_collectives_bd_equal_base_slora_adds_the_plans(served, mode):
+def test_decode_step_collectives_bd_equal_base_slora_adds_the_plans(served):
     meg, adapters = served[2]
-    counts, sub_projection_collectives = run_distributed(collectives_worker, 2, meg, adapters, mode)[0]
-    base, mixed = Counter(counts["base"]), Counter(counts["adapters"])
-    assert sum(base.values()) > 0, "the base model's own all-reduces should be counted"
+    per_mode = run_distributed(collectives_worker, 2, meg, adapters, MODES)[0]
     layers = SERVE_LLAMA["num_hidden_layers"]
-    if mode == "slora":
-        # one all-gather per column layer (qkv, fc1) and one all-reduce per row layer (proj, fc2): 2 per pair
-        assert mixed - base == Counter(all_gather_into_tensor=2 * layers, all_reduce=2 * layers), (base, mixed)
-        assert sub_projection_collectives == 7 * layers  # per adapter; fused sub-projections share one collective
-    else:
-        assert mixed == base, f"{mode}: a batch of 4 adapters must add no collective: {base} vs {mixed}"
+    for mode, (counts, sub_projection_collectives) in per_mode.items():
+        base, mixed = Counter(counts["base"]), Counter(counts["adapters"])
+        assert sum(base.values()) > 0, "the base model's own all-reduces should be counted"
+        if mode == "slora":
+            # one all-gather per column layer (qkv, fc1) and one all-reduce per row layer (proj, fc2): 2 per pair
+            assert mixed - base == Counter(all_gather_into_tensor=2 * layers, all_reduce=2 * layers), (base, mixed)
+            assert sub_projection_collectives == 7 * layers  # per adapter; fused sub-projections share one collective
+        else:
+            assert mixed == base, f"{mode}: a batch of 4 adapters must add no collective: {base} vs {mixed}"
 
 
 def unload_worker(info, meg_dir, adapters):
