@@ -58,7 +58,8 @@ class ServeOptions:
                             "an adapter that cannot run in it is rejected at start", engine=True)
     adapters: dict | None = _opt("adapters registered at start: name -> native or PEFT adapter directory", engine=True)
     max_loras: int | None = _opt("adapter slots on the device: adapters usable in one step (default 4)", engine=True)
-    max_cpu_loras: int | None = _opt("adapters kept in host memory (default: max(max-loras, number of adapters))", engine=True)
+    max_cpu_loras: int | None = _opt("adapters kept in host memory, at least max-loras (default: max-loras, as vLLM; "
+                                     "others are re-read from disk when needed)", engine=True)
     max_lora_rank: int | None = _opt("largest adapter rank the slots hold (default 64)", engine=True)
     max_model_len: int | None = _opt("context length: prompt + generated tokens of one request (default 2048)", engine=True)
     max_num_seqs: int | None = _opt("requests decoded concurrently; more wait in a queue (default 16)", engine=True)

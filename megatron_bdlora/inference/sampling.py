@@ -44,7 +44,7 @@ class RequestSamplers:
             p = self.params.get(rid)
             if p is None or p.greedy or rid == chunked_prefill_id:
                 continue
-            tokens[i] = _sample_one(logits[i], p, self.generators[rid])
+            tokens[i] = _sample_one(logits[i].cpu(), p, self.generators[rid])  # host generators: device-independent
         return tokens
 
 
