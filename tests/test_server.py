@@ -767,21 +767,7 @@ def run_serve_with_fake_engine(argv: list[str]) -> int:
     import megatron_bdlora.parallel as parallel
     from megatron_bdlora import serve
 
-    @dataclass
-    class ServingConfig:  # the engine's fields, so that serve.py passes only those
-        megatron_dir: Path
-        mode: str
-        adapters: dict
-        max_loras: int = 4
-        max_cpu_loras: int | None = None
-        max_lora_rank: int = 64
-        max_model_len: int = 2048
-        max_num_seqs: int = 16
-        max_num_batched_tokens: int = 512
-        kv_cache_gb: float = 0.5
-        block_size: int = 64
-        dtype: str = "float32"
-        seed: int = 0
+    from megatron_bdlora.inference.engine import ServingConfig  # the real fields: serve.py must pass only those
 
     class ServingLoop(FakeLoop):
         @classmethod
