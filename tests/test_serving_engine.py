@@ -239,3 +239,64 @@ def test_the_same_seed_gives_the_same_text_whatever_the_batch(served):
     alone, crowded, other_seed = run_distributed(sampling_worker, 1, meg, {"a0": adapters["a0"]}, [1, 2, 3, 7])[0]
     assert len(alone[0]) == 10 and alone[0] == crowded[0], (alone[0], crowded[0])
     assert other_seed[0] != alone[0], "another seed should sample another text"
+
+
+def validation_worker(info, meg_dir, good, bad):
+    """Rank 0 loads each bad adapter into a running loop (each refused), then serves the good one."""
+    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.requests import GenerationParams
+
+    loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters={}, max_loras=2,
+                                            max_lora_rank=16, max_num_batched_tokens=64), info)
+    if info.rank != 0:
+        loop.run_follower()
+        return None
+    loop.start()
+    errors = {}
+    for name, path in bad.items():
+        try:
+            loop.load_adapter(name, path)
+            errors[name] = "accepted"
+        except (ValueError, FileNotFoundError) as err:
+            errors[name] = str(err)
+    loop.load_adapter("good", good)
+    _, q = loop.submit([7, 8, 9], "good", GenerationParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    events = [q.get(timeout=120)]
+    while not events[-1].finished:
+        events.append(q.get(timeout=120))
+    names = loop.adapter_names()
+    loop.shutdown()
+    return errors, events[-1].finish_reason, names
+
+
+def test_unfit_adapters_are_refused_with_a_clear_error_and_the_loop_keeps_serving(served, tmp_path):
+    import json
+
+    from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
+    from megatron_bdlora.checkpoint.peft import export_peft_directory
+    from megatron_bdlora.config import LoRASettings
+    from peft_reference import random_factors
+
+    meg, adapters = served[2]
+    hf_config = json.loads((meg / "config.json").read_text())
+
+    def native(name, settings, config, tp):
+        ckpt = AdapterCheckpoint(settings, config, tp, random_factors(config, settings, seed=3))
+        return str(save_native(ckpt, tmp_path / name))
+
+    bad = {
+        "other_base": native("other_base", LoRASettings(rank=4, nblocks=2), {**hf_config, "intermediate_size": 128}, 2),
+        "nblocks1": native("nblocks1", LoRASettings(rank=4, nblocks=1), hf_config, 1),
+        "rank32": native("rank32", LoRASettings(rank=32, nblocks=2), hf_config, 2),
+        "dora": str(export_peft_directory(adapters["a0"], tmp_path / "dora")),
+        "missing": str(tmp_path / "missing"),
+        "not_an_adapter": str(tmp_path),
+    }
+    cfg = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    errors, finish, names = run_distributed(validation_worker, 2, meg, adapters["a1"], bad)[0]
+    expect = {"other_base": "another base model", "nblocks1": "nblocks=1", "rank32": "max-lora-rank",
+              "dora": "use_dora", "missing": "does not exist", "not_an_adapter": "neither a native adapter"}
+    for name, words in expect.items():
+        assert words in errors[name], f"{name}: {errors[name]}"
+    assert finish == "length" and names == ["good"]
