@@ -65,8 +65,8 @@ class LoRAAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(slots, *plan.a.local_shape, dtype=dtype))  # [slots, r?, in?]
         self.lora_B = nn.Parameter(torch.zeros(slots, *plan.b.local_shape, dtype=dtype))  # [slots, out?, r?]
         self.register_buffer("scaling", torch.full((slots,), settings.scaling, dtype=torch.float32))
-        # per slot: (A view, B view, scaling) of the adapter it holds; None = holds nothing for this layer
-        self.slot_views: list[tuple[FactorView, FactorView, float] | None] = [self._views(plan, settings.scaling)] * slots
+        # per slot: (A view, B view) of the adapter it holds (its scaling in `scaling`); None = nothing for this layer
+        self.slot_views: list[tuple[FactorView, FactorView] | None] = [self._views(plan)] * slots
         for param, shard in ((self.lora_A, plan.a), (self.lora_B, plan.b)):
             # megatron's attributes: dim +1 because of the leading slot dim
             split = shard.split_dim is not None and plan.tp > 1
@@ -98,14 +98,13 @@ class LoRAAdapter(nn.Module):
         if batch is None:
             return matmul_packed(z * self.scaling[0], b[0], self.plan.b.local_blocks)
         chunks = self.plan.tp if self.plan.collective is Collective.ALL_GATHER else 1
-        views = [v and v[1] for v in self.slot_views]
-        return lora_expand(z, b, views, [v[2] if v else 0.0 for v in self.slot_views], batch, chunks)
+        return lora_expand(z, b, [v and v[1] for v in self.slot_views], self.scaling, batch, chunks)
 
     @staticmethod
-    def _views(plan: ShardingPlan, scaling: float) -> tuple[FactorView, FactorView, float]:
+    def _views(plan: ShardingPlan) -> tuple[FactorView, FactorView]:
         """What a slot holding an adapter of this plan computes on: its local shapes and blocks."""
         a, b = plan.a, plan.b
-        return FactorView(*a.local_shape, a.local_blocks), FactorView(*b.local_shape, b.local_blocks), scaling
+        return FactorView(*a.local_shape, a.local_blocks), FactorView(*b.local_shape, b.local_blocks)
 
     @torch.no_grad()
     def load_slot(self, slot: int, a_local: torch.Tensor, b_local: torch.Tensor, plan: ShardingPlan, scaling: float) -> None:
@@ -113,7 +112,7 @@ class LoRAAdapter(nn.Module):
         cap = self.plan
         if (plan.kind, plan.mode, plan.d_in, plan.d_out, plan.tp) != (cap.kind, cap.mode, cap.d_in, cap.d_out, cap.tp):
             raise ValueError(f"adapter plan {plan} does not fit this layer's plan {cap}")
-        views = self._views(plan, scaling)
+        views = self._views(plan)
         for param, local, view, name in ((self.lora_A, a_local, views[0], "A"), (self.lora_B, b_local, views[1], "B")):
             if tuple(local.shape) != (view.rows, view.cols):
                 raise ValueError(f"lora_{name} slice has shape {tuple(local.shape)}, expected {(view.rows, view.cols)}")
@@ -138,7 +137,7 @@ class LoRAAdapter(nn.Module):
         self.lora_B[slot] = self.plan.b.shard(b_full, self.tp_rank).to(self.lora_B.dtype)
         if scaling is not None:
             self.scaling[slot] = scaling
-        self.slot_views[slot] = self._views(self.plan, float(self.scaling[slot]))
+        self.slot_views[slot] = self._views(self.plan)
 
     @torch.no_grad()
     def gather_full_factors(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ back. Training uses one slot and no grouping. The GPU kernels of the Triton issu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,7 @@ class SlotBatch:
     num_tokens: int
     order: torch.Tensor | None
     segments: tuple[tuple[int, int, int], ...]
+    _padded: dict = field(default_factory=dict, compare=False, repr=False)  # per-step cache of padded()
 
     @staticmethod
     def from_slot_ids(slot_ids: torch.Tensor) -> "SlotBatch":
@@ -64,9 +65,29 @@ class SlotBatch:
             order = None
         return SlotBatch(ids.numel(), order if order is None else order.to(slot_ids.device), tuple(segments))
 
-    @property
-    def grouped_tokens(self) -> int:
-        return self.num_tokens if self.order is None else self.order.numel()
+    def padded(self, segments: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, ...] | None:
+        """Index tensors to run these segments as one batch padded to the longest (cached for the step), or None
+        when that would more than double the rows (or there is one segment: nothing to batch).
+
+        Returns (slots [g], take [g*m] rows of the grouped input, valid [t] rows of the padded result, dest [t]
+        rows of the grouped output); padding rows repeat a segment's first row and are dropped by `valid`.
+        """
+        if segments not in self._padded:
+            m = max(hi - lo for _, lo, hi in segments)
+            total = sum(hi - lo for _, lo, hi in segments)
+            if len(segments) == 1 or len(segments) * m > 2 * total:
+                self._padded[segments] = None
+            else:
+                take, valid, dest = [], [], []
+                for j, (_, lo, hi) in enumerate(segments):
+                    take += list(range(lo, hi)) + [lo] * (m - (hi - lo))
+                    valid += range(j * m, j * m + hi - lo)
+                    dest += range(lo, hi)
+                device = self.order.device if self.order is not None else "cpu"
+                self._padded[segments] = tuple(
+                    torch.tensor(t, dtype=torch.long, device=device) for t in ([s for s, _, _ in segments], take, valid, dest)
+                )
+        return self._padded[segments]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[tokens, d] -> [grouped tokens, d] in slot order."""
@@ -98,37 +119,63 @@ def lora_shrink(
     weight: [slots, R, C]; slot s uses weight[s, :rows, :cols] with its block count; columns beyond a slot's
     rows stay zero (so a later all-reduce or all-gather of the whole [n, R] is exact).
     """
-    out = x.new_zeros(x.shape[0], weight.shape[1])  # [n, R]
-    for slot, lo, hi in batch.segments:
-        v = views[slot]
-        if v is not None:
-            out[lo:hi, : v.rows] = matmul_packed(x[lo:hi, : v.in_width], weight[slot, : v.rows, : v.cols], v.blocks)
-    return out
+    return _grouped_matmul(x, weight, views, batch, None, lambda v: x[:, : v.in_width])
 
 
 def lora_expand(
     z: torch.Tensor,
     weight: torch.Tensor,
     views: list[FactorView | None],
-    scalings: list[float],
+    scalings: torch.Tensor,
     batch: SlotBatch,
     in_chunks: int = 1,
 ) -> torch.Tensor:
     """Scaled LoRA outputs of grouped tokens: z [n, in_chunks * R] -> [n, O], O = weight.shape[1].
 
-    in_chunks > 1: z is an all-gather of in_chunks ranks' [n, R] pieces; a slot's rank space is the first
-    in_width / in_chunks columns of every piece (S-LoRA column layers).
+    scalings: [slots]. in_chunks > 1: z is an all-gather of in_chunks ranks' [n, R] pieces; a slot's rank space
+    is the first in_width / in_chunks columns of every piece (S-LoRA column layers).
     """
-    out = z.new_zeros(z.shape[0], weight.shape[1])  # [n, O]
-    piece = z.shape[1] // in_chunks
-    for slot, lo, hi in batch.segments:
-        v = views[slot]
-        if v is None:
+    n, piece = z.shape[0], z.shape[1] // in_chunks
+
+    def rank_space(v: FactorView) -> torch.Tensor:  # [n, in_width]
+        if in_chunks == 1:
+            return z[:, : v.in_width]
+        return z.reshape(n, in_chunks, piece)[:, :, : v.in_width // in_chunks].reshape(n, v.in_width)
+
+    return _grouped_matmul(z, weight, views, batch, scalings, rank_space)
+
+
+def _grouped_matmul(x, weight, views, batch, scalings, inputs_for) -> torch.Tensor:
+    """out[tokens of slot s, :rows_s] = inputs_s @ W_s.T (* scaling_s), for every slot of the batch.
+
+    Slots with the same view (same rank and blocks: typical for a fleet of adapters) run as one batched matmul
+    over their tokens padded to the longest segment, when padding at most doubles the work (decode steps);
+    otherwise (long prefill segments) each slot runs its own matmul.
+    """
+    out = x.new_zeros(x.shape[0], weight.shape[1])  # [n, R or O]
+    by_view: dict[FactorView, list[tuple[int, int, int]]] = {}
+    for seg in batch.segments:
+        if views[seg[0]] is not None:
+            by_view.setdefault(views[seg[0]], []).append(seg)
+    for v, segs in by_view.items():
+        inputs = inputs_for(v)  # [n, in_width]
+        padded = batch.padded(tuple(segs))
+        if padded is None:
+            for slot, lo, hi in segs:
+                xs = inputs[lo:hi] if scalings is None else inputs[lo:hi] * scalings[slot]
+                out[lo:hi, : v.rows] = matmul_packed(xs, weight[slot, : v.rows, : v.cols], v.blocks)
             continue
-        zs = z[lo:hi]
-        if in_chunks > 1:
-            zs = zs.reshape(hi - lo, in_chunks, piece)[:, :, : v.in_width // in_chunks].reshape(hi - lo, v.in_width)
+        slots, take, valid, dest = padded
+        g = slots.numel()
+        xg = inputs.index_select(0, take).reshape(g, -1, v.in_width)  # [g, m, in]
+        if scalings is not None:
+            xg = xg * scalings.index_select(0, slots).to(xg.dtype)[:, None, None]
+        wg = weight.index_select(0, slots)[:, : v.rows, : v.cols]  # [g, rows, cols]
+        if v.blocks == 1:
+            y = torch.bmm(xg, wg.transpose(1, 2))  # [g, m, rows]
         else:
-            zs = zs[:, : v.in_width]
-        out[lo:hi, : v.rows] = matmul_packed(zs * scalings[slot], weight[slot, : v.rows, : v.cols], v.blocks)
+            xb = xg.reshape(g, xg.shape[1], v.blocks, v.cols)  # [g, m, k, in/k]
+            wb = wg.reshape(g, v.blocks, v.rows // v.blocks, v.cols)  # [g, k, rows/k, in/k]
+            y = torch.einsum("gmki,gkoi->gmko", xb, wb)  # [g, m, k, rows/k]
+        out[:, : v.rows].index_copy_(0, dest, y.reshape(-1, v.rows).index_select(0, valid))
     return out
