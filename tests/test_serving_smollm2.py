@@ -27,12 +27,12 @@ def smollm2():
 
 def test_smollm2_tp3_mixed_bd_stream_matches_merged_full_recompute(smollm2, tmp_path):
     _, meg = smollm2
-    # ranks 12 / 6 / 12, nblocks 3 / 3 / 6; updates of a trained adapter's size (not many times the base weights,
+    # ranks 12 / 12, nblocks 3 / 6; updates of a trained adapter's size (not many times the base weights,
     # which would blow float32 rounding through 30 layers past the 1e-4 budget)
-    adapters = write_adapters(tmp_path, meg, 3, ["a0", "a1", "a2"], scale=0.05)
+    adapters = write_adapters(tmp_path, meg, 3, ["a0", "a2"], scale=0.05)
     rng = random.Random(3)
-    stream = [(i, [rng.randrange(100, 40000) for _ in range(rng.randrange(4, 30))], a, 5)
-              for i, a in enumerate(["a0", "a1", None, "a2", "a0"])]
+    stream = [(i, [rng.randrange(100, 40000) for _ in range(rng.randrange(4, 30))], a, 4)
+              for i, a in enumerate(["a0", None, "a2", "a0"])]
     config = dict(max_loras=3, max_lora_rank=24, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64,
                   kv_cache_gb=0.05, block_size=16)
     result = run_distributed(stream_worker, 3, meg, adapters, "block_diagonal", stream, config)[0]
