@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+SHORT_SEGMENT = 16  # tokens: segments up to this long are batched whatever their padding
+
+
 @dataclass(frozen=True)
 class FactorView:
     """The part of a slot's [rows, cols] stack entry an adapter uses, and its block count (packed BD)."""
@@ -67,7 +70,8 @@ class SlotBatch:
 
     def padded(self, segments: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, ...] | None:
         """Index tensors to run these segments as one batch padded to the longest (cached for the step), or None
-        when that would more than double the rows (or there is one segment: nothing to batch).
+        when there is one segment (nothing to batch) or long segments whose padding would more than double the
+        rows (prefill); short segments (decode) always batch: there one call beats the padding's extra rows.
 
         Returns (slots [g], take [g*m] rows of the grouped input, valid [t] rows of the padded result, dest [t]
         rows of the grouped output); padding rows repeat a segment's first row and are dropped by `valid`.
@@ -75,7 +79,7 @@ class SlotBatch:
         if segments not in self._padded:
             m = max(hi - lo for _, lo, hi in segments)
             total = sum(hi - lo for _, lo, hi in segments)
-            if len(segments) == 1 or len(segments) * m > 2 * total:
+            if len(segments) == 1 or (m > SHORT_SEGMENT and len(segments) * m > 2 * total):
                 self._padded[segments] = None
             else:
                 take, valid, dest = [], [], []
