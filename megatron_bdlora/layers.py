@@ -65,8 +65,10 @@ class LoRAAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(slots, *plan.a.local_shape, dtype=dtype))  # [slots, r?, in?]
         self.lora_B = nn.Parameter(torch.zeros(slots, *plan.b.local_shape, dtype=dtype))  # [slots, out?, r?]
         self.register_buffer("scaling", torch.full((slots,), settings.scaling, dtype=torch.float32))
-        # per slot: (A view, B view) of the adapter it holds (its scaling in `scaling`); None = nothing for this layer
-        self.slot_views: list[tuple[FactorView, FactorView] | None] = [self._views(plan)] * slots
+        # per slot: the views of A and B of the adapter it holds (its scaling in `scaling`); None = nothing for this
+        # layer. Lists are replaced, never changed in place: a step's SlotBatch caches its plan per list.
+        self.a_views: list[FactorView | None] = [self._views(plan)[0]] * slots
+        self.b_views: list[FactorView | None] = [self._views(plan)[1]] * slots
         for param, shard in ((self.lora_A, plan.a), (self.lora_B, plan.b)):
             # megatron's attributes: dim +1 because of the leading slot dim
             split = shard.split_dim is not None and plan.tp > 1
@@ -90,7 +92,7 @@ class LoRAAdapter(nn.Module):
         a = self._factor(self.lora_A, self.plan.a)
         if batch is None:
             return matmul_packed(self.dropout(x), a[0], self.plan.a.local_blocks)
-        return lora_shrink(x, a, [v and v[0] for v in self.slot_views], batch)
+        return lora_shrink(x, a, self.a_views, batch)
 
     def expand(self, z: torch.Tensor, batch: SlotBatch | None) -> torch.Tensor:
         """[..., r] -> [..., out_local]: the scaled LoRA contribution to this rank's output (slice)."""
@@ -98,7 +100,7 @@ class LoRAAdapter(nn.Module):
         if batch is None:
             return matmul_packed(z * self.scaling[0], b[0], self.plan.b.local_blocks)
         chunks = self.plan.tp if self.plan.collective is Collective.ALL_GATHER else 1
-        return lora_expand(z, b, [v and v[1] for v in self.slot_views], self.scaling, batch, chunks)
+        return lora_expand(z, b, self.b_views, self.scaling, batch, chunks)
 
     @staticmethod
     def _views(plan: ShardingPlan) -> tuple[FactorView, FactorView]:
@@ -124,11 +126,15 @@ class LoRAAdapter(nn.Module):
             param[slot].zero_()
             param[slot, : view.rows, : view.cols] = local.to(param.dtype)
         self.scaling[slot] = scaling
-        self.slot_views[slot] = views
+        self._set_views(slot, views)
 
     def clear_slot(self, slot: int) -> None:
         """The slot holds nothing for this layer (an adapter that does not target it, or none at all)."""
-        self.slot_views[slot] = None
+        self._set_views(slot, (None, None))
+
+    def _set_views(self, slot: int, views: tuple[FactorView | None, FactorView | None]) -> None:
+        self.a_views = [views[0] if s == slot else v for s, v in enumerate(self.a_views)]
+        self.b_views = [views[1] if s == slot else v for s, v in enumerate(self.b_views)]
 
     @torch.no_grad()
     def load_full_factors(self, a_full: torch.Tensor, b_full: torch.Tensor, slot: int = 0, scaling: float | None = None) -> None:
@@ -137,7 +143,7 @@ class LoRAAdapter(nn.Module):
         self.lora_B[slot] = self.plan.b.shard(b_full, self.tp_rank).to(self.lora_B.dtype)
         if scaling is not None:
             self.scaling[slot] = scaling
-        self.slot_views[slot] = self._views(self.plan)
+        self._set_views(slot, self._views(self.plan))
 
     @torch.no_grad()
     def gather_full_factors(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

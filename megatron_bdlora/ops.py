@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-SHORT_SEGMENT = 16  # tokens: segments up to this long are batched whatever their padding
+GATHER_TOKENS = 64  # up to this many tokens, adjacent same-shape slots run as one matmul with gathered factors
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class SlotBatch:
     num_tokens: int
     order: torch.Tensor | None
     segments: tuple[tuple[int, int, int], ...]
-    _padded: dict = field(default_factory=dict, compare=False, repr=False)  # per-step cache of padded()
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)  # per-step cache of plan()
 
     @staticmethod
     def from_slot_ids(slot_ids: torch.Tensor) -> "SlotBatch":
@@ -68,30 +68,40 @@ class SlotBatch:
             order = None
         return SlotBatch(ids.numel(), order if order is None else order.to(slot_ids.device), tuple(segments))
 
-    def padded(self, segments: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, ...] | None:
-        """Index tensors to run these segments as one batch padded to the longest (cached for the step), or None
-        when there is one segment (nothing to batch) or long segments whose padding would more than double the
-        rows (prefill); short segments (decode) always batch: there one call beats the padding's extra rows.
+    def plan(self, views: list[FactorView | None], width: int) -> tuple[bool, list[tuple]]:
+        """How one factor stack runs this step (cached per views list; views change only between steps).
 
-        Returns (slots [g], take [g*m] rows of the grouped input, valid [t] rows of the padded result, dest [t]
-        rows of the grouped output); padding rows repeat a segment's first row and are dropped by `valid`.
+        Returns (whether one group fills every row and column of the output, groups); a group is
+        (view, first row, end row, slot of each row or None for one matmul per segment, its segments).
         """
-        if segments not in self._padded:
-            m = max(hi - lo for _, lo, hi in segments)
-            total = sum(hi - lo for _, lo, hi in segments)
-            if len(segments) == 1 or (m > SHORT_SEGMENT and len(segments) * m > 2 * total):
-                self._padded[segments] = None
-            else:
-                take, valid, dest = [], [], []
-                for j, (_, lo, hi) in enumerate(segments):
-                    take += list(range(lo, hi)) + [lo] * (m - (hi - lo))
-                    valid += range(j * m, j * m + hi - lo)
-                    dest += range(lo, hi)
+        key = (id(views), width)
+        if key not in self._cache:
+            runs: list[tuple[FactorView, list[tuple[int, int, int]]]] = []
+            for seg in self.segments:
+                v = views[seg[0]]
+                if v is None:
+                    continue
+                if runs and runs[-1][0] == v and runs[-1][1][-1][2] == seg[1]:
+                    runs[-1][1].append(seg)
+                else:
+                    runs.append((v, [seg]))
+            groups = []
+            for v, segs in runs:
+                lo, hi = segs[0][1], segs[-1][2]
+                gather = len(segs) > 1 and hi - lo <= GATHER_TOKENS
+                slots = [slot for slot, s_lo, s_hi in segs for _ in range(s_hi - s_lo)] if gather else None
                 device = self.order.device if self.order is not None else "cpu"
-                self._padded[segments] = tuple(
-                    torch.tensor(t, dtype=torch.long, device=device) for t in ([s for s, _, _ in segments], take, valid, dest)
-                )
-        return self._padded[segments]
+                slots = None if slots is None else torch.tensor(slots, dtype=torch.long, device=device)
+                groups.append((v, lo, hi, slots, segs))
+            n = self.grouped_tokens
+            fills_all = len(groups) == 1 and groups[0][1:3] == (0, n) and groups[0][0].rows == width
+            fills_all = fills_all and (groups[0][3] is not None or len(groups[0][4]) == 1)
+            self._cache[key] = (fills_all, groups)
+        return self._cache[key]
+
+    @property
+    def grouped_tokens(self) -> int:
+        return self.num_tokens if self.order is None else self.order.numel()
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[tokens, d] -> [grouped tokens, d] in slot order."""
@@ -152,34 +162,34 @@ def lora_expand(
 def _grouped_matmul(x, weight, views, batch, scalings, inputs_for) -> torch.Tensor:
     """out[tokens of slot s, :rows_s] = inputs_s @ W_s.T (* scaling_s), for every slot of the batch.
 
-    Slots with the same view (same rank and blocks: typical for a fleet of adapters) run as one batched matmul
-    over their tokens padded to the longest segment, when padding at most doubles the work (decode steps);
-    otherwise (long prefill segments) each slot runs its own matmul.
+    Decode-sized batches: adjacent slots with the same view (same rank and blocks: typical for a fleet of
+    adapters) run as one batched matmul with each token's own factor gathered (BGMV, as Punica / S-LoRA do for
+    decode); longer segments (prefill) run one matmul per slot.
     """
-    out = x.new_zeros(x.shape[0], weight.shape[1])  # [n, R or O]
-    by_view: dict[FactorView, list[tuple[int, int, int]]] = {}
-    for seg in batch.segments:
-        if views[seg[0]] is not None:
-            by_view.setdefault(views[seg[0]], []).append(seg)
-    for v, segs in by_view.items():
+    n, width = x.shape[0], weight.shape[1]
+    fills_all, groups = batch.plan(views, width)
+    out = None if fills_all else x.new_zeros(n, width)  # [n, R or O]
+    for v, lo, hi, slots, segs in groups:
         inputs = inputs_for(v)  # [n, in_width]
-        padded = batch.padded(tuple(segs))
-        if padded is None:
-            for slot, lo, hi in segs:
-                xs = inputs[lo:hi] if scalings is None else inputs[lo:hi] * scalings[slot]
-                out[lo:hi, : v.rows] = matmul_packed(xs, weight[slot, : v.rows, : v.cols], v.blocks)
+        if slots is not None:  # gathered factors, one matmul for the group
+            xs = inputs[lo:hi]
+            if scalings is not None:
+                xs = xs * scalings.index_select(0, slots).to(xs.dtype)[:, None]
+            wt = weight.index_select(0, slots)[:, : v.rows, : v.cols]  # [t, rows, cols]
+            if v.blocks == 1:
+                y = torch.bmm(xs[:, None, :], wt.transpose(1, 2))  # [t, 1, rows]
+            else:
+                xb, wb = xs.reshape(hi - lo, v.blocks, v.cols), wt.reshape(hi - lo, v.blocks, v.rows // v.blocks, v.cols)
+                y = torch.einsum("tki,tkoi->tko", xb, wb)  # [t, k, rows/k]
+            y = y.reshape(hi - lo, v.rows)
+            if out is None:
+                return y
+            out[lo:hi, : v.rows] = y
             continue
-        slots, take, valid, dest = padded
-        g = slots.numel()
-        xg = inputs.index_select(0, take).reshape(g, -1, v.in_width)  # [g, m, in]
-        if scalings is not None:
-            xg = xg * scalings.index_select(0, slots).to(xg.dtype)[:, None, None]
-        wg = weight.index_select(0, slots)[:, : v.rows, : v.cols]  # [g, rows, cols]
-        if v.blocks == 1:
-            y = torch.bmm(xg, wg.transpose(1, 2))  # [g, m, rows]
-        else:
-            xb = xg.reshape(g, xg.shape[1], v.blocks, v.cols)  # [g, m, k, in/k]
-            wb = wg.reshape(g, v.blocks, v.rows // v.blocks, v.cols)  # [g, k, rows/k, in/k]
-            y = torch.einsum("gmki,gkoi->gmko", xb, wb)  # [g, m, k, rows/k]
-        out[:, : v.rows].index_copy_(0, dest, y.reshape(-1, v.rows).index_select(0, valid))
-    return out
+        for slot, s_lo, s_hi in segs:
+            xs = inputs[s_lo:s_hi] if scalings is None else inputs[s_lo:s_hi] * scalings[slot]
+            y = matmul_packed(xs, weight[slot, : v.rows, : v.cols], v.blocks)
+            if out is None:
+                return y  # the only segment, covering every row and column
+            out[s_lo:s_hi, : v.rows] = y
+    return x.new_zeros(n, width) if out is None else out
