@@ -1,0 +1,830 @@
+"""Serve one seeded multi-adapter workload through our serving loop in each LoRA sharding mode and compare.
+
+    python tools/bench_serving.py --tp 2 --modes block_diagonal,slora,replicated,none \\
+        --json runs/bench_serving.json --plot runs/bench_serving.png
+    python tools/bench_serving.py --tp 1 --peft --json runs/bench_serving_tp1.json --plot runs/bench_serving_tp1.png
+
+One workload (prompts as token ids, an adapter per request drawn from a power-law popularity as in S-LoRA's
+benchmark, arrival times, output lengths; all from --seed) is replayed in-process, without HTTP, through
+`ServingLoop` (megatron-core's dynamic engine with adapter slots): at TP 1 in this process, at TP > 1 on
+spawned gloo ranks where rank 0 submits by the arrival schedule against wall time and every rank steps in
+lockstep. K random BD adapters (nblocks = TP) are written as native checkpoints; the slora and replicated
+loops serve the same adapters converted exactly, so their greedy outputs must equal BD's (checked). Mode
+"none" sends every request to the base model (same loop, no adapter): the floor. --peft (TP 1) also runs
+the prompts through transformers + PEFT mixed-adapter batching (`generate(..., adapter_names=[...])`) in
+static batches of --max-num-seqs requests, and compares its greedy outputs with ours.
+
+Per system: output tokens/s (generated tokens / wall time from the first arrival to the last token), time to
+first token, time per output token after the first, the median decode-only step (robust to bursts of load
+from other processes), request latency, engine steps, and the collectives of one decode-only engine step
+(counted in the untimed warm-up). Ratios are BD's against each other system, measured in the same run
+(systems interleaved, in rotating order, when --repeats > 1; the tables show medians over repeats). Timings
+come from rank 0's time.perf_counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# known-harmless noise from every rank (CPU build without Transformer Engine; megatron's older c10d names)
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+# spawned ranks import the worker from this file by module name
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODES = ("block_diagonal", "slora", "replicated")  # the adapter modes of the sharding plan, in table order
+NONE = "none"  # every request to the base model, on the block_diagonal loop
+PEFT = "peft"  # transformers + PEFT mixed-adapter batching (TP 1)
+LABELS = {"block_diagonal": "BD", "slora": "S-LoRA", "replicated": "replicated", NONE: "none", PEFT: "PEFT"}
+FIRST_TOKEN_ID = 100  # prompt ids are drawn above the tokenizer's special tokens
+B_STD = 0.01  # std of the random B factors (A is scaled to unit gain): an adapter that visibly changes outputs
+_SHORT = {"all_reduce": "AR", "all_gather_into_tensor": "AG", "all_gather": "AG", "reduce_scatter_tensor": "RS",
+          "reduce_scatter": "RS", "broadcast": "BC"}
+# (name in the ratio table, other system, target of BD tok/s / other tok/s at TP 1, at TP >= 2) from the serving issue
+TARGETS = (
+    ("BD vs S-LoRA", "slora", None, 1.3),
+    ("BD vs replicated", "replicated", None, 1.0),
+    ("BD vs none", NONE, 0.9, 0.9),
+    ("BD vs PEFT", PEFT, 1.3, None),
+)
+
+
+# ---------------------------------------------------------------------------------------------------- workload
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> list[dict]:
+    """The seeded requests: arrival time (s), prompt ids, adapter index, output length; sorted by arrival."""
+    rng = random.Random(args.seed)
+    weights = [1.0 / (k + 1) ** args.popularity_alpha for k in range(args.num_adapters)]  # Zipf popularity
+    arrival = 0.0
+    out = []
+    for i in range(args.num_requests):
+        if args.arrival == "poisson" and i > 0:
+            arrival += rng.expovariate(args.rate)
+        prompt = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(rng.randint(*args.prompt_len))]
+        out.append(dict(
+            arrival_s=arrival,
+            prompt_ids=prompt,
+            adapter=rng.choices(range(args.num_adapters), weights)[0],
+            output_len=rng.randint(*args.output_len),
+        ))
+    return out
+
+
+def random_llama_config(args: argparse.Namespace) -> dict:
+    """HF LlamaConfig fields of the random base model (vocabulary and tokenizer: SmolLM2's)."""
+    return dict(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        num_hidden_layers=args.layers,
+        max_position_embeddings=max(2048, args.max_model_len),
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+
+
+def prepare_base(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(HF directory, megatron checkpoint at --tp) of the base model, from the project cache."""
+    from megatron_bdlora.base_models import EMBEDDED, ensure_megatron_base, resolve_hf_base
+
+    if args.model == "smollm2":
+        hf_dir = resolve_hf_base(EMBEDDED)
+    else:
+        hf_dir = resolve_hf_base(EMBEDDED, random_config=random_llama_config(args), seed=args.seed)
+    return hf_dir, ensure_megatron_base(hf_dir, args.tp)
+
+
+def adapter_settings(args: argparse.Namespace):
+    """The benchmark's adapters: BD over all seven projections, nblocks = TP, rank --adapter-rank, alpha 2r."""
+    from megatron_bdlora.config import LoRASettings
+
+    return LoRASettings(rank=args.adapter_rank, alpha=2.0 * args.adapter_rank, nblocks=args.tp)
+
+
+def write_adapters(root: Path, hf_config: dict, args: argparse.Namespace) -> dict[str, str]:
+    """K native BD checkpoints with random non-zero factors (A unit gain, B std B_STD); name -> directory."""
+    from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
+    from megatron_bdlora.targets import lora_plan
+
+    settings = adapter_settings(args)
+    out = {}
+    for k in range(args.num_adapters):
+        g = torch.Generator().manual_seed(args.seed * 1000 + k)
+        factors = {}
+        for layer in range(hf_config["num_hidden_layers"]):
+            for proj in settings.targets:
+                plan = lora_plan(hf_config, proj, settings, args.tp)  # stored (PEFT) shapes
+                a = torch.randn(plan.a.full_shape, generator=g) / plan.a.full_shape[1] ** 0.5  # [r, in / blocks?]
+                b = torch.randn(plan.b.full_shape, generator=g) * B_STD  # [out, r / blocks?]
+                factors[(layer, proj)] = (a, b)
+        ckpt = AdapterCheckpoint(settings, hf_config, args.tp, factors, base_model_name="bench")
+        out[f"a{k}"] = str(save_native(ckpt, root / f"a{k}", overwrite=True))
+    return out
+
+
+def expected_extra_collectives(hf_config: dict, mode: str, tp: int, rank: int) -> int:
+    """Collectives a forward adds over the base model in `mode`: one per fused megatron layer whose plan has one."""
+    from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+    from megatron_bdlora.sharding import Collective
+    from megatron_bdlora.targets import llama_projections, lora_plan
+
+    settings = LoRASettings(rank=rank, mode=mode, nblocks=tp if mode == "block_diagonal" else None)
+    projections = llama_projections(hf_config)
+    layers = {projections[p].megatron_layer for p in ALL_TARGETS
+              if lora_plan(hf_config, p, settings, tp).collective is not Collective.NONE}
+    return len(layers) * hf_config["num_hidden_layers"]
+
+
+# ---------------------------------------------------------------------------------------------------- our loop
+
+
+class _StepProbe:
+    """Forward pre-hook on the served model: counts engine forwards and remembers whether the last one decoded only."""
+
+    def __init__(self, loop: Any) -> None:
+        self.ctx = loop.engine.context
+        self.forwards = 0
+        self.decode_forwards = 0
+        self.last_decode_only: bool | None = None
+        loop.model.register_forward_pre_hook(self)
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
+        self.forwards += 1
+        self.last_decode_only = bool(self.ctx.is_decode_only())
+        self.decode_forwards += self.last_decode_only
+
+
+def _all_done(done: bool, tp: int) -> bool:
+    """Every rank stops after the same step: rank 0's verdict (followers pass True), all-reduced."""
+    if tp == 1:
+        return done
+    flag = torch.tensor([int(done)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapters: list[str | None],
+           count: bool = False, bar: Any = None) -> dict | None:
+    """Run the workload through the loop (rank 0 submits at the arrival times; every rank steps in lockstep).
+
+    adapters[i]: the adapter of request i (None: the base model). Rank 0 returns per-request times (s from the
+    start), tokens, engine steps and, with `count`, the collectives of the first decode-only step.
+    """
+    from megatron_bdlora.inference.requests import GenerationParams
+
+    forwards0, decode0 = probe.forwards, probe.decode_forwards
+    loop.count_collectives = count
+    decode_collectives = None
+    if info.rank != 0:
+        while True:
+            loop.step()
+            if _all_done(True, info.tp_size):
+                break
+        loop.count_collectives = False
+        return None
+    n = len(workload)
+    recs = [dict(arrival=r["arrival_s"], first=None, finish=None, tokens=[]) for r in workload]
+    queues: dict[int, Any] = {}
+    decode_step_s: list[float] = []  # wall time of each decode-only loop step
+    submitted = finished = 0
+    t0 = time.perf_counter()
+    while True:
+        now = time.perf_counter() - t0
+        while submitted < n and workload[submitted]["arrival_s"] <= now:  # the workload is sorted by arrival
+            r = workload[submitted]
+            params = GenerationParams(max_tokens=r["output_len"], temperature=0.0, ignore_eos=True)
+            queues[submitted] = loop.submit(r["prompt_ids"], adapters[submitted], params)[1]
+            submitted += 1
+        if finished == submitted < n:  # idle until the next arrival (the followers wait in the step's broadcast)
+            time.sleep(max(0.0, workload[submitted]["arrival_s"] - now))
+            continue
+        probe.last_decode_only = None
+        before = time.perf_counter()
+        loop.step()
+        t = time.perf_counter() - t0
+        if probe.last_decode_only:
+            decode_step_s.append(t0 + t - before)
+        if count and decode_collectives is None and probe.last_decode_only:
+            decode_collectives = dict(loop.step_collectives)
+        for i in list(queues):
+            q = queues[i]
+            while not q.empty():
+                ev = q.get()
+                if ev.token_ids and recs[i]["first"] is None:
+                    recs[i]["first"] = t
+                recs[i]["tokens"] += ev.token_ids
+                if ev.finished:
+                    if ev.finish_reason != "length":
+                        raise RuntimeError(f"request {i} finished with {ev.finish_reason}: {ev.error}")
+                    recs[i]["finish"] = t
+                    del queues[i]
+                    finished += 1
+                    if bar is not None:
+                        bar.update(1)
+                    break
+        if _all_done(finished == n, info.tp_size):
+            break
+    loop.count_collectives = False
+    return dict(requests=recs, engine_steps=probe.forwards - forwards0,
+                decode_steps=probe.decode_forwards - decode0, decode_collectives=decode_collectives,
+                decode_step_s=decode_step_s)
+
+
+# ---------------------------------------------------------------------------------------------------- PEFT
+
+
+class _StepTimes:
+    """A StoppingCriteria that only timestamps each generated token position (never stops)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0, self.times = t0, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter() - self.t0)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+class PeftBatcher:
+    """transformers + PEFT with the K adapters loaded, serving static batches with `adapter_names` per row."""
+
+    def __init__(self, hf_dir: Path, peft_dirs: dict[str, str], batch_size: int) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        names = list(peft_dirs)
+        model = PeftModel.from_pretrained(base, peft_dirs[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(peft_dirs[name], adapter_name=name)
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+        # greedy, every request runs its full length (EOS does not stop it, as ignore_eos in our loop)
+        self.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=self.pad_id)
+        self.engine_steps = 0
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[dict], adapters: list[str], timer: _StepTimes) -> list[list[int]]:
+        """One left-padded batch: new tokens of each row, cut to its own output length."""
+        width = max(len(r["prompt_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [b, width]
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(batch):
+            ids[row, width - len(r["prompt_ids"]):] = torch.tensor(r["prompt_ids"])
+            mask[row, width - len(r["prompt_ids"]):] = 1
+        steps = max(r["output_len"] for r in batch)
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens = steps
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, adapter_names=adapters, generation_config=config,
+            stopping_criteria=[timer],
+        )  # [b, width + steps]
+        self.engine_steps += steps
+        return [out[row, width: width + r["output_len"]].tolist() for row, r in enumerate(batch)]
+
+    def replay(self, workload: list[dict], adapters: list[str], bar: Any = None) -> dict:
+        """Batches of batch_size requests in arrival order; a batch starts when its last request has arrived."""
+        steps0 = self.engine_steps
+        recs = [dict(arrival=r["arrival_s"], first=None, finish=None, tokens=[]) for r in workload]
+        decode_step_s: list[float] = []  # one decode step of generate = the gap between consecutive tokens
+        t0 = time.perf_counter()
+        for lo in range(0, len(workload), self.batch_size):
+            batch = workload[lo: lo + self.batch_size]
+            time.sleep(max(0.0, batch[-1]["arrival_s"] - (time.perf_counter() - t0)))
+            timer = _StepTimes(t0)
+            tokens = self._generate(batch, adapters[lo: lo + len(batch)], timer)
+            decode_step_s += [b - a for a, b in zip(timer.times, timer.times[1:])]
+            for j, (r, toks) in enumerate(zip(batch, tokens)):
+                rec = recs[lo + j]
+                rec["tokens"], rec["first"], rec["finish"] = toks, timer.times[0], timer.times[r["output_len"] - 1]
+            if bar is not None:
+                bar.update(len(batch))
+        return dict(requests=recs, engine_steps=self.engine_steps - steps0, decode_steps=len(decode_step_s),
+                    decode_collectives=None, decode_step_s=decode_step_s)
+
+
+# ---------------------------------------------------------------------------------------------------- worker
+
+
+def warmup_requests(workload: list[dict], count: int) -> list[dict]:
+    """The first `count` requests plus the first request of every adapter not among them (so that every adapter is
+    in its slot before timing), all at t=0 with at most 6 new tokens."""
+    chosen = list(workload[:count])
+    for r in workload[count:]:
+        if r["adapter"] not in {c["adapter"] for c in chosen}:
+            chosen.append(r)
+    return [dict(r, arrival_s=0.0, output_len=min(r["output_len"], 6)) for r in chosen]
+
+
+def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict[str, str]) -> dict | None:
+    """On one TP rank: build a loop per mode, warm each system up, replay the workload --repeats times."""
+    from tqdm import tqdm
+
+    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+
+    torch.set_num_threads(spec["threads"])
+    systems = spec["systems"]
+    names = list(adapter_dirs)
+    loops, probes = {}, {}
+    for mode in dict.fromkeys(s if s in MODES else "block_diagonal" for s in systems if s != PEFT):
+        config = ServingConfig(megatron_dir=Path(spec["megatron_dir"]), mode=mode, adapters=adapter_dirs,
+                               max_loras=spec["max_loras"], max_lora_rank=spec["adapter_rank"], **spec["engine"])
+        loops[mode] = ServingLoop.create(config, info)
+        probes[mode] = _StepProbe(loops[mode])
+    peft = PeftBatcher(Path(spec["hf_dir"]), spec["peft_dirs"], spec["engine"]["max_num_seqs"]) if PEFT in systems else None
+
+    def run(system: str, requests: list[dict], count: bool = False, bar: Any = None) -> dict | None:
+        adapters = [names[r["adapter"]] for r in requests]
+        if system == PEFT:
+            return peft.replay(requests, adapters, bar)
+        mode = system if system in MODES else "block_diagonal"
+        served = [None] * len(requests) if system == NONE else adapters
+        return replay(loops[mode], probes[mode], info, requests, served, count, bar)
+
+    lead = info.rank == 0
+    warm = warmup_requests(workload, spec["warmup"])
+    out: dict[str, dict] = {s: dict(repeats=[]) for s in systems}
+    for s in systems:  # first-step costs, and the collectives of a decode-only step (untimed)
+        result = run(s, warm, count=True)
+        if lead:
+            out[s]["decode_collectives"] = result["decode_collectives"]
+    total = spec["repeats"] * len(systems) * len(workload)
+    with tqdm(total=total, desc="serving", unit="req", disable=None if lead else True, file=sys.stderr) as bar:
+        for rep in range(spec["repeats"]):
+            order = systems[rep % len(systems):] + systems[: rep % len(systems)]  # rotate: drift hits all alike
+            for s in order:
+                bar.set_postfix_str(s)
+                result = run(s, workload, bar=bar)
+                if lead:
+                    out[s]["repeats"].append(result)
+    return out if lead else None
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def run_metrics(run: dict) -> dict:
+    """Throughput and latency of one replay from its per-request times (seconds from the first arrival)."""
+    recs = run["requests"]
+    tokens = sum(len(r["tokens"]) for r in recs)
+    wall = max(r["finish"] for r in recs)
+    ttft = [r["first"] - r["arrival"] for r in recs]
+    tpot = [(r["finish"] - r["first"]) / (len(r["tokens"]) - 1) for r in recs if len(r["tokens"]) > 1]
+    latency = [r["finish"] - r["arrival"] for r in recs]
+    return dict(
+        output_tokens=tokens,
+        wall_s=wall,
+        tokens_per_s=tokens / wall,
+        ttft_ms_mean=1e3 * statistics.fmean(ttft),
+        ttft_ms_p50=1e3 * _percentile(ttft, 50),
+        tpot_ms_mean=1e3 * statistics.fmean(tpot) if tpot else float("nan"),
+        latency_s_p50=_percentile(latency, 50),
+        latency_s_p99=_percentile(latency, 99),
+        engine_steps=run["engine_steps"],
+        decode_steps=run["decode_steps"],
+        # robust to bursts of load from other processes: the median decode-only step of the replay
+        decode_step_ms_p50=1e3 * _percentile(run["decode_step_s"], 50) if run["decode_step_s"] else float("nan"),
+    )
+
+
+def summarise_system(name: str, result: dict) -> dict:
+    """Per-repeat metrics and their medians (the table's numbers); tokens of the first repeat."""
+    per_repeat = [run_metrics(r) for r in result["repeats"]]
+    keys = [k for k, v in per_repeat[0].items() if v is not None]
+    median = {k: statistics.median(m[k] for m in per_repeat) for k in keys}
+    first = [r["tokens"] for r in result["repeats"][0]["requests"]]
+    stable = all([r["tokens"] for r in rep["requests"]] == first for rep in result["repeats"])
+    return dict(
+        system=name,
+        label=LABELS[name],
+        metrics=median | {k: None for k in per_repeat[0] if k not in keys},
+        tokens_per_s_repeats=[m["tokens_per_s"] for m in per_repeat],
+        per_repeat=per_repeat,
+        decode_collectives=result.get("decode_collectives"),
+        outputs_same_every_repeat=stable,
+        tokens=first,
+    )
+
+
+def compare_tokens(ours: list[list[int]], other: list[list[int]]) -> dict:
+    """Greedy-output agreement: requests that differ, and where each first diverges (None: identical)."""
+    firsts = []
+    for a, b in zip(ours, other):
+        pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if pos is None and len(a) != len(b):
+            pos = min(len(a), len(b))
+        firsts.append(pos)
+    total = sum(len(a) for a in ours)
+    prefix = sum(len(a) if p is None else p for a, p in zip(ours, firsts))
+    return dict(
+        requests=len(ours),
+        mismatches=sum(p is not None for p in firsts),
+        exact_match_requests=sum(p is None for p in firsts),
+        first_divergence=firsts,
+        tokens_before_first_divergence=prefix / total if total else 1.0,
+    )
+
+
+def agreement(systems: dict[str, dict]) -> dict:
+    """Output checks: the three modes must be identical; PEFT is compared honestly; none shows the adapters act."""
+    ref = next((m for m in MODES if m in systems), None)
+    out: dict[str, Any] = {"reference": ref}
+    if ref is None:
+        return out
+    for s, row in systems.items():
+        if s != ref:
+            out[f"{ref}_vs_{s}"] = compare_tokens(systems[ref]["tokens"], row["tokens"])
+    adapter_modes = [m for m in MODES if m in systems]
+    out["adapter_modes_identical"] = all(out[f"{ref}_vs_{m}"]["mismatches"] == 0 for m in adapter_modes if m != ref)
+    out["mode_mismatches"] = sum(out[f"{ref}_vs_{m}"]["mismatches"] for m in adapter_modes if m != ref)
+    out["outputs_same_every_repeat"] = all(row["outputs_same_every_repeat"] for row in systems.values())
+    return out
+
+
+def ratios(systems: dict[str, dict], tp: int, max_num_seqs: int) -> list[dict]:
+    """BD against each other system (> 1: BD better), with the serving issue's target where one applies."""
+    if "block_diagonal" not in systems:
+        return []
+    bd = systems["block_diagonal"]["metrics"]
+    rows = []
+    for label, other, target_tp1, target_tp2 in TARGETS:
+        if other not in systems:
+            continue
+        o = systems[other]["metrics"]
+        target = target_tp1 if tp == 1 else target_tp2
+        if other == "slora" and max_num_seqs > 8:
+            target = None  # the issue's S-LoRA target is for batches <= 8
+        tps = bd["tokens_per_s"] / o["tokens_per_s"]
+        rows.append(dict(
+            comparison=label,
+            other=other,
+            tokens_per_s_ratio=tps,
+            tpot_ratio=o["tpot_ms_mean"] / bd["tpot_ms_mean"],
+            decode_step_ratio=o["decode_step_ms_p50"] / bd["decode_step_ms_p50"],
+            ttft_ratio=o["ttft_ms_mean"] / bd["ttft_ms_mean"],
+            latency_p50_ratio=o["latency_s_p50"] / bd["latency_s_p50"],
+            target_tokens_per_s_ratio=target,
+            met=None if target is None else tps >= target,
+        ))
+    return rows
+
+
+def collectives_label(counts: dict | None) -> str:
+    """'34 (32AR+2AG)': total, then the kinds; '0' when none; '-' when not counted."""
+    if counts is None:
+        return "-"
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    parts = [f"{n if n > 1 else ''}{_SHORT.get(op, op)}" for op, n in sorted(counts.items())]
+    return f"{total} ({'+'.join(parts)})"
+
+
+def _table(head: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(b) for b in body])
+
+
+def format_systems(rows: list[dict]) -> str:
+    """Fixed-width table of the systems (medians over repeats); pastes into Markdown as a code block."""
+    head = ("system", "tokens", "wall s", "tok/s", "TTFT ms", "TTFT p50", "TPOT ms", "step p50 ms", "lat p50 s",
+            "lat p99 s", "steps", "coll/decode step")
+    body = []
+    for r in rows:
+        m = r["metrics"]
+        body.append((
+            r["label"], str(m["output_tokens"]), f"{m['wall_s']:.2f}", f"{m['tokens_per_s']:.1f}",
+            f"{m['ttft_ms_mean']:.0f}", f"{m['ttft_ms_p50']:.0f}", f"{m['tpot_ms_mean']:.1f}",
+            f"{m['decode_step_ms_p50']:.1f}", f"{m['latency_s_p50']:.2f}", f"{m['latency_s_p99']:.2f}", str(m["engine_steps"]),
+            collectives_label(r["decode_collectives"]),
+        ))
+    return _table(head, body)
+
+
+def format_ratios(rows: list[dict]) -> str:
+    """BD ÷ other for tok/s, other ÷ BD for times: > 1 means BD is better; target and verdict where one applies."""
+    head = ("comparison", "tok/s x", "TPOT x", "step p50 x", "TTFT x", "lat p50 x", "target tok/s x", "met")
+    body = [(
+        r["comparison"], f"{r['tokens_per_s_ratio']:.3f}", f"{r['tpot_ratio']:.3f}", f"{r['decode_step_ratio']:.3f}",
+        f"{r['ttft_ratio']:.3f}",
+        f"{r['latency_p50_ratio']:.3f}",
+        "-" if r["target_tokens_per_s_ratio"] is None else f">= {r['target_tokens_per_s_ratio']}",
+        "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
+    ) for r in rows]
+    return _table(head, body)
+
+
+def format_agreement(check: dict) -> str:
+    """One line per comparison of greedy outputs with the reference mode."""
+    ref = check.get("reference")
+    lines = []
+    for key, c in check.items():
+        if not isinstance(c, dict):
+            continue
+        other = key.split("_vs_", 1)[1]
+        diverged = sorted(p for p in c["first_divergence"] if p is not None)
+        lines.append(
+            f"{LABELS[ref]} vs {LABELS[other]}: {c['exact_match_requests']}/{c['requests']} requests identical, "
+            f"{c['mismatches']} differ; {100 * c['tokens_before_first_divergence']:.1f}% of tokens before the first "
+            f"divergence" + (f"; first divergence at tokens {diverged}" if diverged else "")
+        )
+    if "mode_mismatches" in check:
+        lines.append(f"sharding modes identical: {'yes' if check['adapter_modes_identical'] else 'NO'} "
+                     f"({check['mode_mismatches']} mismatching requests)")
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    """Bars per system: tokens/s, time per output token, request latency p50 / p99."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    m = [r["metrics"] for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+    bars = axes[0].bar(x, [v["tokens_per_s"] for v in m], color="tab:blue")
+    axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
+    axes[0].set_title("output tokens/s (higher is better)")
+    bars = axes[1].bar(x, [v["tpot_ms_mean"] for v in m], color="tab:orange")
+    axes[1].bar_label(bars, fmt="%.0f", fontsize=8)
+    axes[1].set_title("time per output token, ms")
+    width = 0.4
+    axes[2].bar([i - width / 2 for i in x], [v["latency_s_p50"] for v in m], width, label="p50")
+    axes[2].bar([i + width / 2 for i in x], [v["latency_s_p99"] for v in m], width, label="p99")
+    axes[2].set_title("request latency, s")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xticks(list(x), labels)
+    fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _code_version() -> dict:
+    """The commit of the megatron_bdlora package that ran, and its tracked files changed since (numbers depend on them)."""
+    import subprocess
+
+    import megatron_bdlora
+
+    repo = Path(megatron_bdlora.__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return dict(repo=str(repo), commit=git("rev-parse", "HEAD"),
+                modified_files=None if changed is None else [ln[3:] for ln in changed.splitlines()])
+
+
+def _environment(threads: int) -> dict:
+    from importlib.metadata import version  # not the packages themselves: importing peft alone takes seconds
+
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model)
+    except OSError:
+        pass
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        megatron_core=version("megatron-core"),
+        transformers=version("transformers"),
+        peft=version("peft"),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu_model=cpu_model,
+        host_cpu_count=os.cpu_count(),
+        usable_cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        torch_threads_per_rank=threads,
+        device="cpu",
+        backend="gloo",
+        code=_code_version(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """'MIN,MAX' (or one number) -> (MIN, MAX)."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return parts[0], parts[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Replay one seeded multi-adapter workload through our serving loop in BD, S-LoRA and replicated "
+        "mode (and with no adapter, and optionally transformers + PEFT) and compare throughput, latency, "
+        "collectives and greedy outputs (CPU, local gloo ranks).",
+    )
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree = local gloo ranks (1: this process); also BD's nblocks (default 1)")
+    p.add_argument("--modes", default=",".join(MODES + (NONE,)),
+                   help="comma-separated systems of our loop: block_diagonal, slora, replicated, none (none: every "
+                   "request to the base model, the floor) (default: all four)")
+    p.add_argument("--peft", action="store_true", help="also run transformers + PEFT mixed-adapter batching on the same prompts (TP 1 only)")
+    p.add_argument("--json", type=Path, default=None, help="write workload, machine, per-system metrics, ratios and output checks to this JSON file")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG with bars of tokens/s and latency per system")
+    w = p.add_argument_group("workload")
+    w.add_argument("--num-requests", type=int, default=8, help="requests in the workload (default 8)")
+    w.add_argument("--num-adapters", type=int, default=4, help="K random BD adapters the requests are spread over (default 4)")
+    w.add_argument("--adapter-rank", type=int, default=16, help="rank r of every adapter; a multiple of --tp (default 16)")
+    w.add_argument("--popularity-alpha", type=float, default=1.0,
+                   help="power-law (Zipf) popularity of the adapters as in S-LoRA's benchmark: adapter k is drawn with "
+                   "weight 1/(k+1)^alpha; 0 = uniform (default 1.0)")
+    w.add_argument("--arrival", choices=("poisson", "all"), default="all",
+                   help="'all': every request arrives at t=0; 'poisson': exponential gaps at --rate (default all)")
+    w.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second with --arrival poisson (default 4)")
+    w.add_argument("--prompt-len", type=_pair, default=(24, 40), metavar="MIN,MAX", help="prompt tokens, uniform in [MIN, MAX] (default 24,40)")
+    w.add_argument("--output-len", type=_pair, default=(64, 64), metavar="MIN,MAX", help="generated tokens per request, uniform in [MIN, MAX] (default 64,64)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the workload, the adapters and the random base model (default 0)")
+    m = p.add_argument_group("base model")
+    m.add_argument("--model", choices=("smollm2", "random"), default=None,
+                   help="smollm2: the embedded SmolLM2-135M-Instruct (float32; 3 KV heads, so TP 1 or 3); random: a "
+                   "seeded random Llama of the shape below with SmolLM2's tokenizer (default: smollm2 at TP 1, random otherwise)")
+    m.add_argument("--layers", type=int, default=16, help="random Llama: decoder layers (default 16)")
+    m.add_argument("--hidden", type=int, default=512, help="random Llama: hidden size (default 512)")
+    m.add_argument("--intermediate", type=int, default=1536, help="random Llama: MLP width (default 1536)")
+    m.add_argument("--heads", type=int, default=8, help="random Llama: attention heads (default 8)")
+    m.add_argument("--kv-heads", type=int, default=4, help="random Llama: KV heads, divisible by --tp (default 4)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded concurrently (ours), batch size (PEFT) (default 8)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prompt chunks + decodes); a multiple of 64 (default 512)")
+    e.add_argument("--max-loras", type=int, default=None, help="adapter slots of our loop (default: --num-adapters, all resident)")
+    e.add_argument("--max-model-len", type=int, default=None, help="context length of the loop (default: longest prompt + output)")
+    e.add_argument("--kv-cache-gb", type=float, default=0.5, help="paged KV cache per rank, GB (default 0.5)")
+    e.add_argument("--block-size", type=int, default=64, help="KV cache block size in tokens (default 64)")
+    r = p.add_argument_group("measurement")
+    r.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: usable CPUs / TP, at least 1)")
+    r.add_argument("--warmup", type=int, default=2, help="requests of the workload (plus the first request of every adapter not among them; at most 6 new tokens each) run untimed through each system first; their decode-only step gives the collective counts (default 2)")
+    r.add_argument("--repeats", type=int, default=1, help="timed replays per system, interleaved across systems; the table shows medians (default 1)")
+    args = p.parse_args(argv)
+    args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
+    unknown = [s for s in args.modes if s not in MODES + (NONE,)]
+    if unknown or not args.modes or len(set(args.modes)) != len(args.modes):
+        p.error(f"--modes must be distinct names from {list(MODES + (NONE,))}, got {args.modes}")
+    for flag in ("tp", "num_requests", "num_adapters", "adapter_rank", "layers", "hidden", "intermediate", "heads",
+                 "kv_heads", "max_num_seqs", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the collectives are counted on the warm-up's decode steps)")
+    if args.peft and args.tp != 1:
+        p.error("--peft runs at --tp 1 only (transformers + PEFT is a single-process baseline)")
+    if args.adapter_rank % args.tp:
+        p.error(f"--adapter-rank {args.adapter_rank} must be a multiple of --tp {args.tp} (BD blocks the rank over TP)")
+    if args.rate <= 0:
+        p.error(f"--rate must be > 0, got {args.rate}")
+    args.model = args.model or ("smollm2" if args.tp == 1 else "random")
+    if args.model == "random" and (args.kv_heads % args.tp or args.heads % args.kv_heads or args.hidden % args.heads):
+        p.error(f"random Llama: --kv-heads {args.kv_heads} must divide by --tp {args.tp}, --heads {args.heads} by "
+                f"--kv-heads and --hidden {args.hidden} by --heads")
+    if args.model == "smollm2" and 3 % args.tp:
+        p.error(f"SmolLM2-135M has 3 KV heads: it cannot run at --tp {args.tp}; use --model random")
+    args.max_loras = args.max_loras or args.num_adapters
+    need = args.prompt_len[1] + args.output_len[1]
+    args.max_model_len = args.max_model_len or need
+    if args.max_model_len < need:
+        p.error(f"--max-model-len {args.max_model_len} < longest prompt + output ({need})")
+    args.threads = args.threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) // args.tp)
+    args.warmup = min(args.warmup, args.num_requests)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the tables, write JSON and PNG; returns what the JSON holds."""
+    args = parse_args(argv)
+    # this benchmark measures the CPU/gloo path: keep every rank off any GPU (init_parallel picks nccl with CUDA)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import bench_serving  # the worker by module name, so spawned ranks can unpickle it
+
+    from megatron_bdlora.checkpoint.peft import export_peft_directory
+    from megatron_bdlora.local_ranks import free_port, run_distributed
+
+    environment = _environment(args.threads)  # before the run: the code that runs is the code recorded
+    hf_dir, meg_dir = prepare_base(args)
+    hf_config = json.loads((meg_dir / "config.json").read_text())
+    workload = make_workload(args, hf_config["vocab_size"])
+    systems = args.modes + ([PEFT] if args.peft else [])
+    with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
+        adapter_dirs = write_adapters(Path(tmp) / "native", hf_config, args)
+        peft_dirs = {n: str(export_peft_directory(d, Path(tmp) / "peft" / n)) for n, d in adapter_dirs.items()} if args.peft else {}
+        spec = dict(
+            systems=systems, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+            megatron_dir=str(meg_dir), hf_dir=str(hf_dir), peft_dirs=peft_dirs, adapter_rank=args.adapter_rank,
+            max_loras=args.max_loras,
+            engine=dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
+                        seed=args.seed),
+        )
+        if args.tp == 1:  # in this process, with --threads threads
+            from megatron_bdlora.parallel import destroy_parallel, init_parallel
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            info = init_parallel(tp_size=1)
+            try:
+                raw = bench_serving.serve_worker(info, spec, workload, adapter_dirs)
+            finally:
+                destroy_parallel()
+        else:
+            raw = run_distributed(bench_serving.serve_worker, args.tp, spec, workload, adapter_dirs)[0]
+
+    rows = {s: summarise_system(s, raw[s]) for s in systems}
+    check = agreement(rows)
+    ratio_rows = ratios(rows, args.tp, args.max_num_seqs)
+    extra = {m: expected_extra_collectives(hf_config, m, args.tp, args.adapter_rank) for m in MODES}
+    counts = Counter(r["adapter"] for r in workload)
+    model_text = ("SmolLM2-135M" if args.model == "smollm2" else
+                  f"random Llama {args.layers}L h{args.hidden} ffn{args.intermediate} {args.heads}H/{args.kv_heads}KV")
+    title = (f"TP={args.tp}, {model_text}, float32, {args.threads} thread(s)/rank; {args.num_requests} requests "
+             f"({args.arrival}{f' {args.rate}/s' if args.arrival == 'poisson' else ''}) over {args.num_adapters} BD "
+             f"adapters rank {args.adapter_rank} (requests per adapter {[counts[k] for k in range(args.num_adapters)]}), "
+             f"prompt {args.prompt_len[0]}-{args.prompt_len[1]}, output {args.output_len[0]}-{args.output_len[1]}, "
+             f"max-num-seqs {args.max_num_seqs}; median of {args.repeats} repeat(s)")
+    print(title)
+    print(format_systems(list(rows.values())))
+    print()
+    print(format_ratios(ratio_rows))
+    print()
+    print(format_agreement(check))
+    print(f"expected extra collectives per forward over the base: " + ", ".join(f"{LABELS[m]} {n}" for m, n in extra.items()))
+
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    cfg.update(json=str(args.json) if args.json else None, plot=str(args.plot) if args.plot else None,
+               megatron_dir=str(meg_dir), hf_dir=str(hf_dir), base_hf_config=hf_config,
+               adapter_settings=dict(rank=args.adapter_rank, alpha=2.0 * args.adapter_rank, nblocks=args.tp,
+                                     targets="all seven projections", b_std=B_STD),
+               timing="rank 0 time.perf_counter from the first arrival; per system: warm-up, then --repeats timed "
+                      "replays interleaved across systems; table values are medians over repeats",
+               none="every request to the base model on the block_diagonal loop (adapter slots unused)",
+               peft_batching="static batches of --max-num-seqs in arrival order, left-padded; a request's finish is "
+                             "the step of its own last token")
+    result = dict(
+        config=cfg,
+        environment=environment,
+        workload=dict(requests=workload, requests_per_adapter={f"a{k}": counts[k] for k in range(args.num_adapters)}),
+        systems=rows,
+        ratios=ratio_rows,
+        agreement=check,
+        expected_extra_collectives_per_forward=extra,
+        title=title,
+    )
+    if args.plot:
+        plot(args.plot, list(rows.values()), title)
+        print(f"wrote {args.plot}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp_json = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
+        tmp_json.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp_json, args.json)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
