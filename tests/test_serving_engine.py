@@ -300,3 +300,47 @@ def test_unfit_adapters_are_refused_with_a_clear_error_and_the_loop_keeps_servin
     for name, words in expect.items():
         assert words in errors[name], f"{name}: {errors[name]}"
     assert finish == "length" and names == ["good"]
+
+
+def cancel_worker(info, meg_dir, adapters):
+    """A cancel in the middle of a chunked prefill, a stop token id and a stop string, beside an untouched request."""
+    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.requests import GenerationParams
+
+    keep, other = ([5, 6, 7], "a1"), ([8, 9, 10, 11], None)
+    refs = [r[0] for r in merged_references(meg_dir, 1, 0, adapters, "block_diagonal", [(*keep, 12), (*other, 12)])]
+    loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters=adapters, max_loras=2,
+                                            max_lora_rank=16, max_model_len=256, max_num_batched_tokens=64), info)
+    full_text = loop.tokenizer.decode(refs[1], skip_special_tokens=True)
+    stop_text = loop.tokenizer.decode(refs[1][4:6], skip_special_tokens=True)
+    greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    queues = {
+        "long": loop.submit(list(range(100, 250)), "a0", GenerationParams(**greedy))[1],  # 150 tokens: chunked prefill
+        "keep": loop.submit(keep[0], keep[1], GenerationParams(**greedy))[1],
+        "stop_id": loop.submit(other[0], None, GenerationParams(**greedy, stop_token_ids=(refs[1][3],)))[1],
+        "stop_text": loop.submit(other[0], None, GenerationParams(**greedy, stop=(stop_text,)))[1],
+    }
+    loop.step()
+    loop.cancel(0)  # the long request, now in its chunked prefill
+    for _ in range(100):
+        loop.step()
+        if not loop.engine.has_unfinished_requests() and not loop.waiting and not loop.deferred_aborts:
+            break
+    out = {}
+    for name, q in queues.items():
+        tokens, text, finish = [], "", None
+        while not q.empty():
+            ev = q.get_nowait()
+            tokens, text, finish = tokens + list(ev.token_ids), text + ev.text, ev.finish_reason or finish
+        out[name] = (tokens, text, finish)
+    state = {"pinned_a0": loop.pool.pinned("a0"), "unfinished": loop.engine.has_unfinished_requests()}
+    return out, refs, full_text, stop_text, state
+
+
+def test_cancel_during_chunked_prefill_and_stops_end_requests_without_touching_others(served):
+    meg, adapters = served[1]
+    out, refs, full_text, stop_text, state = run_distributed(cancel_worker, 1, meg, {k: adapters[k] for k in ("a0", "a1")})[0]
+    assert out["long"][2] == "abort" and state == {"pinned_a0": 0, "unfinished": False}
+    assert out["keep"][0] == refs[0] and out["keep"][2] == "length"
+    assert out["stop_id"][0] == refs[1][: refs[1].index(refs[1][3])] and out["stop_id"][2] == "stop"
+    assert out["stop_text"][2] == "stop" and out["stop_text"][1] == full_text[: full_text.find(stop_text)]

@@ -138,6 +138,7 @@ class ServingLoop:
         self.waiting: deque[GenerationRequest] = deque()  # admitted to the server, waiting for an adapter slot
         self.adapter_of: dict[int, str | None] = {}  # requests in the engine -> adapter (to release)
         self.unloading: list[str] = []
+        self.deferred_aborts: set[int] = set()  # cancelled during their chunked prefill
         self.stopping = False
         self.step_count = 0
         self.counters: Counter = Counter()
@@ -288,6 +289,11 @@ class ServingLoop:
             dist.broadcast_object_list(box, src=0)
             message = box[0]
         self._apply(message)
+        for rid in sorted(self.deferred_aborts):  # the same order on every rank
+            if rid in self.adapter_of:
+                self._abort_in_engine(rid)
+            else:
+                self.deferred_aborts.discard(rid)
         self._admit()
         if self.engine.has_unfinished_requests():
             self._engine_step()
@@ -415,9 +421,17 @@ class ServingLoop:
             self._finish(self._live[rid], reason)
 
     def _abort_in_engine(self, rid: int) -> None:
-        """Finish a request early: out of the engine's queue, or its length cap lowered so it ends next step."""
+        """Finish a request early: out of the engine's queue, or its length cap lowered so it ends next step.
+
+        A request in the middle of a chunked prefill cannot finish (megatron keeps it active until its last
+        chunk): its abort is retried each step until the prefill is done.
+        """
         engine, ctx = self.engine, self.engine.context
-        if rid in engine.waiting_request_ids and rid != ctx.chunked_prefill_request_id:
+        if rid == ctx.chunked_prefill_request_id:
+            self.deferred_aborts.add(rid)
+            return
+        self.deferred_aborts.discard(rid)
+        if rid in engine.waiting_request_ids:
             engine.waiting_request_ids.remove(rid)
             engine.requests.pop(rid, None)
             self._release(rid)
