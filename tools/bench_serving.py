@@ -525,9 +525,9 @@ def format_systems(rows: list[dict]) -> str:
     for r in rows:
         m = r["metrics"]
         body.append((
-            r["label"], str(m["output_tokens"]), f"{m['wall_s']:.2f}", f"{m['tokens_per_s']:.1f}",
+            r["label"], f"{m['output_tokens']:g}", f"{m['wall_s']:.2f}", f"{m['tokens_per_s']:.1f}",
             f"{m['ttft_ms_mean']:.0f}", f"{m['ttft_ms_p50']:.0f}", f"{m['tpot_ms_mean']:.1f}",
-            f"{m['decode_step_ms_p50']:.1f}", f"{m['latency_s_p50']:.2f}", f"{m['latency_s_p99']:.2f}", str(m["engine_steps"]),
+            f"{m['decode_step_ms_p50']:.1f}", f"{m['latency_s_p50']:.2f}", f"{m['latency_s_p99']:.2f}", f"{m['engine_steps']:g}",
             collectives_label(r["decode_collectives"]),
         ))
     return _table(head, body)
@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_ratios(ratio_rows))
     print()
     print(format_agreement(check))
-    print(f"expected extra collectives per forward over the base: " + ", ".join(f"{LABELS[m]} {n}" for m, n in extra.items()))
+    print("expected extra collectives per forward over the base: " + ", ".join(f"{LABELS[m]} {n}" for m, n in extra.items()))
 
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     cfg.update(json=str(args.json) if args.json else None, plot=str(args.plot) if args.plot else None,
