@@ -1,4 +1,4 @@
-"""Atomic output directories: build under a temporary sibling, rename into place only when complete."""
+"""Atomic outputs (directories, files): build under a temporary sibling, rename into place only when complete."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    """Write a file through a temporary sibling and a rename: readers see the old file or the whole new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return target

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_bdlora.atomic import atomic_write_text
+
 from megatron_bdlora.config import LoRASettings
 from megatron_bdlora.param_count import count_parameters, match_bd_rank
 from megatron_bdlora.targets import lora_plan
@@ -335,10 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(rows))
     result = dict(config=cfg, environment=_environment(), rows=rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return result
 

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from megatron_bdlora.atomic import atomic_write_text
+
 # known-harmless noise from every rank (CPU build without Transformer Engine; megatron's older c10d names)
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -818,10 +820,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot(args.plot, list(rows.values()), title)
         print(f"wrote {args.plot}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp_json = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        tmp_json.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_json, args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return result
 
