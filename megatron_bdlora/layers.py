@@ -29,7 +29,7 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.ops import FactorView, SlotBatch, lora_expand, lora_shrink, matmul_packed
+from megatron_bdlora.ops import FactorView, OutputLayout, SlotBatch, SlotViews, lora_expand, lora_shrink, matmul_packed
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
 
@@ -66,9 +66,9 @@ class LoRAAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(slots, *plan.b.local_shape, dtype=dtype))  # [slots, out?, r?]
         self.register_buffer("scaling", torch.full((slots,), settings.scaling, dtype=torch.float32))
         # per slot: the views of A and B of the adapter it holds (its scaling in `scaling`); None = nothing for this
-        # layer. Lists are replaced, never changed in place: a step's SlotBatch caches its plan per list.
-        self.a_views: list[FactorView | None] = [self._views(plan)[0]] * slots
-        self.b_views: list[FactorView | None] = [self._views(plan)[1]] * slots
+        # layer. Replaced on every change, never mutated: a step caches its plan per instance, the kernels its table.
+        self.a_views = SlotViews([self._views(plan)[0]] * slots)
+        self.b_views = SlotViews([self._views(plan)[1]] * slots)
         for param, shard in ((self.lora_A, plan.a), (self.lora_B, plan.b)):
             # megatron's attributes: dim +1 because of the leading slot dim
             split = shard.split_dim is not None and plan.tp > 1
@@ -84,23 +84,24 @@ class LoRAAdapter(nn.Module):
     def _factor(self, param: torch.Tensor, shard: FactorShard) -> torch.Tensor:
         return sum_grad_over_tp(param, self.tp_group) if shard.replicated else param
 
-    def shrink(self, x: torch.Tensor, batch: SlotBatch | None) -> torch.Tensor:
-        """[..., in_local] -> [..., r_local] (this rank's piece of A x, before any collective).
-
-        batch None: every token uses slot 0 (training); else x holds the batch's grouped tokens [n, in_local].
-        """
+    def shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., in_local] -> [..., r_local] (this rank's piece of A x, before any collective), slot 0 (training)."""
         a = self._factor(self.lora_A, self.plan.a)
-        if batch is None:
-            return matmul_packed(self.dropout(x), a[0], self.plan.a.local_blocks)
-        return lora_shrink(x, a, self.a_views, batch)
+        return matmul_packed(self.dropout(x), a[0], self.plan.a.local_blocks)
 
-    def expand(self, z: torch.Tensor, batch: SlotBatch | None) -> torch.Tensor:
-        """[..., r] -> [..., out_local]: the scaled LoRA contribution to this rank's output (slice)."""
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """[..., r] -> [..., out_local]: the scaled LoRA contribution to this rank's output (slice), slot 0."""
         b = self._factor(self.lora_B, self.plan.b)
-        if batch is None:
-            return matmul_packed(z * self.scaling[0], b[0], self.plan.b.local_blocks)
+        return matmul_packed(z * self.scaling[0], b[0], self.plan.b.local_blocks)
+
+    def shrink_slots(self, x: torch.Tensor, batch: SlotBatch) -> torch.Tensor:
+        """Serving: x [n, in_local] (token order) -> [n, r_local] in the batch's slot order, each token's own slot."""
+        return lora_shrink(x, self.lora_A, self.a_views, batch)
+
+    def expand_slots(self, z: torch.Tensor, batch: SlotBatch, out: torch.Tensor, layout: OutputLayout) -> None:
+        """Serving: add each token's scaled LoRA output into its row of out at the layout's columns."""
         chunks = self.plan.tp if self.plan.collective is Collective.ALL_GATHER else 1
-        return lora_expand(z, b, self.b_views, self.scaling, batch, chunks)
+        lora_expand(z, self.lora_B, self.b_views, self.scaling, batch, out, layout, chunks)
 
     @staticmethod
     def _views(plan: ShardingPlan) -> tuple[FactorView, FactorView]:
@@ -133,8 +134,8 @@ class LoRAAdapter(nn.Module):
         self._set_views(slot, (None, None))
 
     def _set_views(self, slot: int, views: tuple[FactorView | None, FactorView | None]) -> None:
-        self.a_views = [views[0] if s == slot else v for s, v in enumerate(self.a_views)]
-        self.b_views = [views[1] if s == slot else v for s, v in enumerate(self.b_views)]
+        self.a_views = self.a_views.replace(slot, views[0])
+        self.b_views = self.b_views.replace(slot, views[1])
 
     @torch.no_grad()
     def load_full_factors(self, a_full: torch.Tensor, b_full: torch.Tensor, slot: int = 0, scaling: float | None = None) -> None:
@@ -223,6 +224,7 @@ class _LoRAParallelMixin:
             )
         if not len(self.lora):
             raise ValueError(f"{spec.layer_name}: none of {[n for n, _ in spec.projections]} is a LoRA target")
+        self.lora_layouts = self._output_layouts()
         self.reset_lora_parameters(spec.layer_name)
         if spec.freeze_base:
             for p in (self.weight, self.bias):
@@ -234,10 +236,29 @@ class _LoRAParallelMixin:
         for name, ad in self.lora.items():
             ad.reset_parameters(adapter_seed(self.lora_spec.settings.seed, f"{layer_name}.{name}"))
 
+    def _output_layouts(self) -> dict[str, OutputLayout]:
+        """Where each adapter's expand writes in this rank's output: its columns of the fused layout
+        (per group [proj0 | proj1 | ...], as `_combine`), or a row S-LoRA rank's d_out/tp slice."""
+        g = self.lora_local_groups
+        group_stride = sum(self.lora_local_widths.values()) // g
+        layouts, offset = {}, 0
+        for name, width in self.lora_local_widths.items():
+            if name in self.lora:
+                plan = self.lora[name].plan
+                if plan.output_is_slice:  # one group: the rank's slice of the full partial sum
+                    rows = plan.b.local_shape[0]
+                    layouts[name] = OutputLayout(rows, rows, self.lora[name].tp_rank * rows)
+                else:
+                    layouts[name] = OutputLayout(width // g, group_stride, offset)
+            offset += width // g
+        return layouts
+
     def set_lora_slots(self, slots: torch.Tensor | SlotBatch | None) -> None:
         """Per-token adapter slots for the next forwards: slot ids [tokens] (-1 = base only) or their
         grouping (built once per step and shared by all layers); None = slot 0 everywhere (training)."""
-        self.lora_slots = SlotBatch.from_slot_ids(slots) if isinstance(slots, torch.Tensor) else slots
+        if isinstance(slots, torch.Tensor):
+            slots = SlotBatch.from_slot_ids(slots, self.lora_spec.slots)
+        self.lora_slots = slots
 
     def _combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Interleave sub-projection outputs into the fused layout: per group, [proj0 | proj1 | ...].
@@ -256,27 +277,37 @@ class _LoRAParallelMixin:
         return fused.reshape(*fused.shape[:-2], fused.shape[-2] * fused.shape[-1])
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's LoRA contribution to the base layer's local output (partial sum for row layers)."""
+        """This rank's LoRA contribution (slot 0) to the base layer's local output (partial sum for row layers)."""
         adapters = list(self.lora.values())
-        batch = self.lora_slots
         plan = adapters[0].plan
-        lead = x.shape[:-1]
-        if batch is not None:
-            x = batch.gather(x.reshape(-1, x.shape[-1]))  # [n, in_local]: tokens with an adapter, by slot
-        zs = gather_rank_intermediates([ad.shrink(x, batch) for ad in adapters], plan.collective, self.tp_group)
-        y = self._combine({name: ad.expand(z, batch) for (name, ad), z in zip(self.lora.items(), zs)})
+        zs = gather_rank_intermediates([ad.shrink(x) for ad in adapters], plan.collective, self.tp_group)
+        y = self._combine({name: ad.expand(z) for (name, ad), z in zip(self.lora.items(), zs)})
         if plan.output_is_slice:  # row S-LoRA: place this rank's d_out/tp slice in the full partial
             width = y.shape[-1]
             y = F.pad(y, (adapters[0].tp_rank * width, (plan.tp - 1 - adapters[0].tp_rank) * width))
-        if batch is not None:
-            y = batch.scatter(y).reshape(*lead, y.shape[-1])  # [..., out_local], zero for base-only tokens
         return y
+
+    @torch.no_grad()
+    def add_lora_slots(self, x: torch.Tensor, base: torch.Tensor) -> None:
+        """Serving: add every token's own adapter output into the base output in place (inference only)."""
+        batch = self.lora_slots
+        out = base.view(-1, base.shape[-1])  # [tokens, out_local]
+        adapters = list(self.lora.values())
+        x = x.reshape(-1, x.shape[-1])  # [tokens, in_local]
+        zs = [ad.shrink_slots(x, batch) for ad in adapters]  # [tokens, r_s] in slot order
+        zs = gather_rank_intermediates(zs, adapters[0].plan.collective, self.tp_group)
+        for (name, ad), z in zip(self.lora.items(), zs):
+            ad.expand_slots(z, batch, out, self.lora_layouts[name])
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 (megatron's signature)
         base = super()._forward_impl(input, weight, *args, **kwargs)
-        if self.lora_merged or not self.lora_enabled or (self.lora_slots is not None and not self.lora_slots.segments):
-            return base  # (a serving step whose tokens all use the base model: the same on every rank)
-        return base + self.lora_forward(input).to(base.dtype)
+        if self.lora_merged or not self.lora_enabled:
+            return base
+        if self.lora_slots is None:
+            return base + self.lora_forward(input).to(base.dtype)
+        if self.lora_slots.any_adapter:  # (else every token uses the base model: the same on every rank)
+            self.add_lora_slots(input, base)
+        return base
 
     @torch.no_grad()
     def lora_weight_delta(self, slot: int = 0) -> torch.Tensor:

@@ -8,6 +8,13 @@ import pytest
 # spawned ranks import worker functions from the test modules by name
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:  # without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 ROOT = Path(__file__).resolve().parents[1]
 
 

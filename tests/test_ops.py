@@ -1,76 +1,218 @@
-"""The multi-adapter LoRA op (ops.lora_shrink / lora_expand) against per-token float64 math: slots of different
-ranks and block counts, uneven and empty segments, tokens without an adapter, batched and per-slot paths."""
+"""The multi-adapter LoRA ops (ops.lora_shrink / lora_expand), one suite for both backends: torch, and the Triton
+kernels (in Triton's interpreter on CPU). Checked against per-token float64 math on every output element: slots of
+different ranks and block counts (nblocks = TP and 2 TP), idle slots, uneven segments, tokens without an adapter
+(left bit-identical in a poisoned output), fused output layouts, all-gathered rank spaces, fp32 and fp16."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from megatron_bdlora.ops import FactorView, SlotBatch, lora_expand, lora_shrink
-from megatron_bdlora.sharding import packed_to_block_diagonal
+from megatron_bdlora.ops import FactorView, OutputLayout, SlotBatch, lora_expand, lora_shrink, use_backend
+from megatron_bdlora.sharding import ShardingPlan, packed_to_block_diagonal
 
-D_IN, D_OUT, R = 24, 36, 12
-
-
-def _stacks(seed: int, views_a, views_b):
-    """Factor stacks [slots, R, D_IN] / [slots, D_OUT, R] with only each slot's view filled (rest poisoned)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.full((len(views_a), R, D_IN), float("nan"))
-    b = torch.full((len(views_b), D_OUT, R), float("nan"))
-    for s, (va, vb) in enumerate(zip(views_a, views_b)):
-        if va is not None:
-            a[s, : va.rows, : va.cols] = torch.randn(va.rows, va.cols, generator=g)
-            b[s, : vb.rows, : vb.cols] = torch.randn(vb.rows, vb.cols, generator=g)
-    return a, b
-
-
-def _dense(stack, slot, v):
-    return packed_to_block_diagonal(stack[slot, : v.rows, : v.cols].double(), v.blocks)  # [rows, in_width]
-
-
-VIEWS = [  # (A view, B view) per slot: rank 12 dense, rank 6 dense, rank 12 with 3 blocks in A and 2 in B, rank 4
-    (FactorView(12, 24, 1), FactorView(36, 12, 1)),
-    (FactorView(6, 24, 1), FactorView(36, 6, 1)),
-    (FactorView(12, 8, 3), FactorView(36, 6, 2)),
-    (FactorView(4, 24, 1), FactorView(36, 4, 1)),
-    (FactorView(12, 24, 1), FactorView(36, 12, 1)),  # same view as slot 0: batched together with it
+TP, RANK, D_IN, D_OUT = 2, 16, 64, 48
+# tolerance on max |got - want| relative to max |want|: float32 accumulates <= 64 products (~1e-6);
+# float16 stores z and out with a unit roundoff of 2**-11 ~ 4.9e-4, so 1e-3 is two roundings' worth
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3}
+TOKENS = [  # per-token slots: uneven segments, slot 4 idle, -1 = base model only
+    [0, 2, -1, 1, 1, 0, 3, 2, 2, 0, -1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 1],
+    [3, 3, 3, -1, 0],
 ]
 
 
-@pytest.mark.parametrize("slot_ids", [
-    [0, 4, 2, -1, 1, 0, 3, 4, 2, 1],  # decode-like: a few tokens per slot (slots 0 and 4 gathered together)
-    [2] * 70 + [0, -1, 4, 4, 0],  # a long segment (per-slot path) and short ones
-    [-1, -1, -1],  # nobody uses an adapter
-    [1, 1, 1, 1],  # one slot, already grouped (no gather / scatter)
-])
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a test on one backend; Triton runs in its interpreter unless a GPU is present."""
+    if request.param == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with use_backend(request.param):
+        yield request.param
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _views(kind: str, mode: str, rank: int, nblocks: int | None) -> tuple[FactorView, FactorView]:
+    """Rank 0's local views of A and B for an adapter of this plan at TP=2."""
+    plan = ShardingPlan.build(kind, mode, D_IN, D_OUT, rank, TP, nblocks)
+    return FactorView(*plan.a.local_shape, plan.a.local_blocks), FactorView(*plan.b.local_shape, plan.b.local_blocks)
+
+
+def _slot_views(kind: str, mode: str) -> list[tuple[FactorView, FactorView] | None]:
+    """Six slots: the capacity adapter, a lower rank, BD with nblocks = 2 TP, a rank-4 one, idle, capacity again."""
+    bd = mode == "block_diagonal"
+    return [
+        _views(kind, mode, RANK, None),
+        _views(kind, mode, RANK // 2, None),
+        _views(kind, mode, RANK, 2 * TP if bd else None),
+        _views(kind, mode, 4, None),
+        None,
+        _views(kind, mode, RANK, None),
+    ]
+
+
+def _stack(views: list[FactorView | None], shape: tuple[int, int], dtype, seed: int) -> torch.Tensor:
+    """A factor stack with each slot's view filled and everything else poisoned (NaN must never be read)."""
+    g = torch.Generator().manual_seed(seed)
+    stack = torch.full((len(views), *shape), float("nan"))
+    for s, v in enumerate(views):
+        if v is not None:
+            stack[s, : v.rows, : v.cols] = torch.randn(v.rows, v.cols, generator=g)
+    return stack.to(dtype)
+
+
+def _dense(stack: torch.Tensor, slot: int, v: FactorView) -> torch.Tensor:
+    return packed_to_block_diagonal(stack[slot, : v.rows, : v.cols].double(), v.blocks)  # [rows, in_width]
+
+
+def _sorted_tokens(slot_ids: list[int]) -> list[int]:
+    return sorted(range(len(slot_ids)), key=lambda t: slot_ids[t])  # stable: the slot order the ops promise
+
+
+def _reference_shrink(x, a, views, slot_ids) -> torch.Tensor:
+    """z [n, R] in slot order, float64: A_s x_t in the slot's rows, zero elsewhere."""
+    z = torch.zeros(len(slot_ids), a.shape[1], dtype=torch.float64)
+    for i, t in enumerate(_sorted_tokens(slot_ids)):
+        s = slot_ids[t]
+        if s >= 0 and views[s] is not None:
+            v = views[s]
+            z[i, : v.rows] = _dense(a, s, v) @ x[t, : v.in_width].double()
+    return z
+
+
+def _reference_expand(out, z, b, views, scalings, slot_ids, layout: OutputLayout, chunks: int = 1) -> torch.Tensor:
+    """out + scaling_s B_s z at the layout's columns, float64; rows of tokens without an adapter unchanged."""
+    want = out.double().clone()
+    piece = z.shape[1] // chunks
+    for i, t in enumerate(_sorted_tokens(slot_ids)):
+        s = slot_ids[t]
+        if s < 0 or views[s] is None:
+            continue
+        v = views[s]
+        per = v.in_width // chunks
+        u = torch.cat([z[i, c * piece : c * piece + per] for c in range(chunks)]).double()  # the slot's rank space
+        y = scalings[s].double() * (_dense(b, s, v) @ u)
+        cols = [(c // layout.group_width) * layout.group_stride + layout.offset + c % layout.group_width for c in range(v.rows)]
+        want[t, cols] += y
+    return want
+
+
+def _check(got: torch.Tensor, want: torch.Tensor, dtype, what: str) -> None:
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert not torch.isnan(got).any(), f"{what}: NaN (a poisoned element was read)"
+    assert err <= TOLERANCE[dtype] * scale, f"{what}: max error {err:.3g} vs max {scale:.3g}"
+
+
+CASES = [("column", "block_diagonal"), ("row", "block_diagonal"), ("column", "slora"), ("row", "replicated")]
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_shrink_expand_match_per_token_float64(slot_ids, seed):
-    a, b = _stacks(seed, [v[0] for v in VIEWS], [v[1] for v in VIEWS])
-    scalings = torch.tensor([0.5, 2.0, 1.0, 0.25, 3.0])
-    views_a, views_b = [v[0] for v in VIEWS], [v[1] for v in VIEWS]
-    ids = torch.tensor(slot_ids)
-    x = torch.randn(len(slot_ids), D_IN, generator=torch.Generator().manual_seed(seed + 10))
-    batch = SlotBatch.from_slot_ids(ids)
-    xs = batch.gather(x)
-    y = batch.scatter(lora_expand(lora_shrink(xs, a, views_a, batch), b, views_b, scalings, batch))
-    assert y.shape == (len(slot_ids), D_OUT) and not torch.isnan(y).any()
+def test_shrink_and_expand_match_float64_per_token(backend, kind, mode, dtype, seed):
+    dev = _device()
+    slot_views = _slot_views(kind, mode)
+    views_a = [v and v[0] for v in slot_views]
+    views_b = [v and v[1] for v in slot_views]
+    cap_a, cap_b = slot_views[0]
+    a = _stack(views_a, (cap_a.rows, cap_a.cols), dtype, seed).to(dev)
+    b = _stack(views_b, (cap_b.rows, cap_b.cols), dtype, seed + 100).to(dev)
+    scalings = torch.tensor([0.5, 2.0, 1.0, 0.25, 9.0, 3.0], device=dev)
+    slot_ids = TOKENS[seed % len(TOKENS)]
+    g = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn(len(slot_ids), D_IN if kind == "column" else D_IN // TP, generator=g).to(dtype).to(dev)
+    batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids, device=dev), len(slot_views))
+
+    z = lora_shrink(x, a, views_a, batch)
+    assert z.shape == (len(slot_ids), cap_a.rows)
+    _check(z.cpu(), _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), dtype, f"shrink {kind}/{mode}")
+
+    chunks = TP if (kind, mode) == ("column", "slora") else 1  # S-LoRA column: z all-gathered from TP ranks
+    if chunks > 1:
+        other = torch.randn(z.shape, generator=g).to(z.dtype).to(dev) * (z != 0)  # another rank's piece
+        z = torch.cat([z, other], dim=-1)
+    out_width = D_OUT if kind == "row" else cap_b.rows
+    poison = torch.randn(len(slot_ids), out_width, generator=g).to(dtype).to(dev)
+    out = poison.clone()
+    layout = OutputLayout.contiguous(cap_b.rows)
+    assert lora_expand(z, b, views_b, scalings, batch, out, layout, chunks) is out
+    want = _reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout, chunks)
+    _check(out.cpu(), want, dtype, f"expand {kind}/{mode}")
     for t, s in enumerate(slot_ids):
         if s < 0:
-            assert torch.equal(y[t], torch.zeros(D_OUT)), f"token {t} has no adapter: its output must stay zero"
-            continue
-        va, vb = VIEWS[s]
-        want = scalings[s].double() * (_dense(b, s, vb) @ (_dense(a, s, va) @ x[t].double()))
-        assert (y[t].double() - want).abs().max() <= 1e-5 * want.abs().max(), f"token {t} slot {s}"
+            assert torch.equal(out[t], poison[t]), f"token {t} has no adapter: its output row must stay bit-identical"
 
 
-def test_gathered_and_per_slot_paths_agree(monkeypatch):
+def test_fused_layout_and_row_slice(backend):
+    """q/k-like adapters expand straight into one fused output (2 groups of [q | k]); a row S-LoRA slice lands
+    at its rank's offset; columns outside each layout stay bit-identical."""
+    dev, dtype = _device(), torch.float32
+    slot_ids = [1, 0, -1, 1, 0, 0]
+    batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids, device=dev), 2)
+    g = torch.Generator().manual_seed(3)
+    vq, vk = [FactorView(16, 8), FactorView(16, 4)], [FactorView(8, 8), FactorView(8, 8)]
+    bq, bk = _stack(vq, (16, 8), dtype, 1).to(dev), _stack(vk, (8, 8), dtype, 2).to(dev)
+    zq, zk = torch.randn(6, 8, generator=g).to(dev), torch.randn(6, 8, generator=g).to(dev)
+    scalings = torch.tensor([1.5, 0.5], device=dev)
+    poison = torch.randn(6, 30, generator=g).to(dev)  # 24 fused columns, then 6 nobody addresses
+    out = poison.clone()
+    lq, lk = OutputLayout(8, 12, 0), OutputLayout(4, 12, 8)  # per group: q 8 columns, k 4
+    lora_expand(zq, bq, vq, scalings, batch, out, lq)
+    lora_expand(zk, bk, vk, scalings, batch, out, lk)
+    want = _reference_expand(poison.cpu(), zq.cpu(), bq.cpu(), vq, scalings.cpu(), slot_ids, lq)
+    want = _reference_expand(want, zk.cpu(), bk.cpu(), vk, scalings.cpu(), slot_ids, lk)
+    _check(out.cpu(), want, dtype, "fused q/k")
+    assert torch.equal(out[:, 24:], poison[:, 24:]) and torch.equal(out[2], poison[2])
+
+    out = poison.clone()
+    row_slice = OutputLayout(8, 8, 16)  # this rank's 8 of 24 columns
+    lora_expand(zk, bk, vk, scalings, batch, out, row_slice)
+    _check(out.cpu(), _reference_expand(poison.cpu(), zk.cpu(), bk.cpu(), vk, scalings.cpu(), slot_ids, row_slice), dtype, "row slice")
+
+
+def test_slot_metadata_is_refilled_in_place():
+    """The per-step metadata lands in fixed buffers (CUDA-graph safe) and says what the tokens are."""
+    buffers = SlotBatch.buffers(16, 4, "cpu")
+    pointers = [t.data_ptr() for t in (buffers.order, buffers.slot_starts, buffers.slot_counts, buffers.active_slots)]
+    for slot_ids in ([2, -1, 0, 2, 2, 0, -1], [3, 3, 1]):
+        batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids), 4, buffers)
+        assert [t.data_ptr() for t in (batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots)] == pointers
+        assert batch.order.tolist() == _sorted_tokens(slot_ids)
+        counts = [slot_ids.count(s) for s in range(4)]
+        assert batch.slot_counts.tolist() == counts
+        starts = [slot_ids.count(-1) + sum(counts[:s]) for s in range(4)]
+        assert batch.slot_starts.tolist() == starts
+        active = [s for s in range(4) if counts[s]]
+        assert batch.active_slots.tolist() == active + [-1] * (4 - len(active))
+        assert batch.num_active.item() == len(active)
+        assert batch.segments == tuple((s, starts[s], starts[s] + counts[s]) for s in active)
+    with pytest.raises(ValueError, match="slot buffers hold 16 tokens"):
+        SlotBatch.from_slot_ids(torch.zeros(17, dtype=torch.long), 4, buffers)
+
+
+def test_gathered_and_per_slot_torch_paths_agree(monkeypatch):
     import megatron_bdlora.ops as ops
 
-    a, b = _stacks(3, [v[0] for v in VIEWS], [v[1] for v in VIEWS])
-    views_a = [VIEWS[0][0], None, None, None, VIEWS[4][0]]
-    batch = SlotBatch.from_slot_ids(torch.tensor([0, 4, 4, 0, 4]))  # slots 0 and 4: one gathered matmul
-    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(4))
-    got = lora_shrink(batch.gather(x), a, views_a, batch)
-    monkeypatch.setattr(ops, "GATHER_TOKENS", 0)  # force one matmul per slot
-    want = lora_shrink(batch.gather(x), a, views_a, SlotBatch.from_slot_ids(torch.tensor([0, 4, 4, 0, 4])))
+    views = [FactorView(16, 64), None, FactorView(16, 64)]
+    a = _stack(views, (16, 64), torch.float32, 3)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    ids = torch.tensor([0, 2, 2, 0, 2])
+    with use_backend("torch"):
+        got = lora_shrink(x, a, views, SlotBatch.from_slot_ids(ids, 3))  # slots 0 and 2: one gathered matmul
+        monkeypatch.setattr(ops, "GATHER_TOKENS", 0)  # force one matmul per slot
+        want = lora_shrink(x, a, views, SlotBatch.from_slot_ids(ids, 3))
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    batch = SlotBatch.from_slot_ids(torch.tensor([0]), 1)
+    with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        lora_shrink(torch.zeros(1, 64), torch.zeros(1, 16, 64), [FactorView(16, 64)], batch)
+    with pytest.raises(ValueError, match="expected one of"):
+        use_backend("cuda").__enter__()

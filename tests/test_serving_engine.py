@@ -28,8 +28,11 @@ def _stream(names: list[str], count: int, seed: int) -> list[tuple[int, list[int
     return out
 
 
-def modes_worker(info, meg_dir, adapters, modes, stream, loop_kwargs):
+def modes_worker(info, meg_dir, adapters, modes, stream, loop_kwargs, backend="auto"):
     """stream_worker for several modes in one set of ranks (process start-up is most of a small test's time)."""
+    from megatron_bdlora.ops import set_backend
+
+    set_backend(backend)
     return [stream_worker(info, meg_dir, adapters, mode, stream, loop_kwargs) for mode in modes]
 
 
@@ -106,6 +109,20 @@ def test_mixed_adapter_stream_matches_each_request_alone_with_its_adapter_merged
     for mode, result in zip(MODES, results[0]):
         _check(result, stream, f"tp={tp} {mode}")
         assert result["stats"]["engine_evictions"] > 0, f"{mode}: the stream was meant to force a KV-cache eviction"
+
+
+def test_mixed_adapter_stream_is_exact_with_the_triton_kernels(served, monkeypatch):
+    """A shorter stream through the Triton kernels at TP=2 (BD, and S-LoRA's all-gathered rank space and row
+    slices). On CPU they run in Triton's interpreter (~50 ms a launch); the whole suite runs on them with
+    MEGATRON_BDLORA_LORA_BACKEND=triton (and TRITON_INTERPRET=1 without a GPU)."""
+    if not torch.cuda.is_available():  # set before the ranks import triton (megatron does, early)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    meg, adapters = served[2]
+    stream = [(arrive, prompt, adapter, 4) for arrive, prompt, adapter, _ in _stream(list(adapters), 5, seed=2)]
+    modes = ("block_diagonal", "slora")
+    results = run_distributed(modes_worker, 2, meg, adapters, modes, stream, TIGHT, "triton")
+    for mode, result in zip(modes, results[0]):
+        _check(result, stream, f"triton tp=2 {mode}")
 
 
 def test_two_slots_serve_five_adapters_with_evictions_and_reloads(served, tmp_path):

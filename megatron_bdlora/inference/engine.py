@@ -102,12 +102,13 @@ class ServingLoop:
         self.max_model_len = config.max_model_len
         self.base_name = config.megatron_dir.name
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+        self.max_step_tokens = self._token_budget(config.max_num_batched_tokens, info.tp_size)
         self.engine = build_dynamic_engine(
             model,
             tokenizer,
             max_sequence_length=config.max_model_len,
             max_requests=config.max_num_seqs,
-            max_tokens=self._token_budget(config.max_num_batched_tokens, info.tp_size),
+            max_tokens=self.max_step_tokens,
             buffer_size_gb=config.kv_cache_gb,
             block_size_tokens=config.block_size,
             params_dtype=next(model.parameters()).dtype,
@@ -117,6 +118,7 @@ class ServingLoop:
         self.samplers = RequestSamplers(self.hf_config["vocab_size"])
         self.engine.controller.samplers = self.samplers
         self._lora_layers = [m for m in model.modules() if isinstance(m, _LoRAParallelMixin)]
+        self._slot_buffers = None  # the step's slot metadata, refilled in place (CUDA-graph safe)
         model.register_forward_pre_hook(self._set_step_slots, with_kwargs=True)
 
         def load_host(name: str, path: str):
@@ -458,7 +460,9 @@ class ServingLoop:
         slots = ctx.request_metadata["lora_slot"][ctx.token_to_request_idx[:n].long()]  # [n]
         if padded > n:
             slots = torch.cat([slots, slots.new_full((padded - n,), -1)])
-        batch = SlotBatch.from_slot_ids(slots)
+        if self._slot_buffers is None or self._slot_buffers.order.numel() < padded:
+            self._slot_buffers = SlotBatch.buffers(max(padded, self.max_step_tokens), self.config.max_loras, slots.device)
+        batch = SlotBatch.from_slot_ids(slots, self.config.max_loras, self._slot_buffers)  # fixed addresses
         for layer in self._lora_layers:
             layer.set_lora_slots(batch)
 

@@ -1,0 +1,84 @@
+"""Launchers of the segment LoRA kernel: tile sizes, grid, and the two directions (shrink, expand).
+
+The grid depends on the token count and the slot views only (see segment_lora.py), never on the batch's
+contents; tiles follow the work: small token tiles for decode, wide K tiles and split-K for the shrink's long
+input rows with a handful of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from megatron_bdlora.kernels.segment_lora import segment_lora_kernel
+from megatron_bdlora.ops import OutputLayout, SlotBatch, SlotViews
+
+
+def _pow2_between(value: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(value, 1))))
+
+
+def _output_tiles(views: SlotViews, block_n: int) -> int:
+    """Output tiles the widest slot needs: its blocks times the tiles of one block's rows."""
+    key = ("tiles", block_n)
+    if key not in views.__dict__:
+        views.__dict__[key] = max(
+            [v.blocks * triton.cdiv(v.rows // v.blocks, block_n) for v in views if v is not None], default=0
+        )
+    return views.__dict__[key]
+
+
+def _launch(x, weight, out, views, batch, *, shrink, scalings=None, layout=None, in_chunks=1, chunk_stride=0,
+            split_k=1, block_m=None, block_n=None, block_k=None, fixed_grid=None):
+    if x.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("segment LoRA kernel: inputs and outputs need contiguous rows (last stride 1)")
+    live = [v for v in views if v is not None]
+    if not live or batch.num_tokens == 0:
+        return
+    n = batch.num_tokens
+    block_m = block_m or (16 if n <= 256 else 64)
+    block_n = block_n or _pow2_between(max(v.rows // v.blocks for v in live), 16, 64)
+    block_k = block_k or _pow2_between(max(v.cols for v in live), 16, 128 if shrink else 64)
+    tiles = _output_tiles(views, block_n)
+    layout = layout or OutputLayout.contiguous(weight.shape[1])
+    if x.is_cuda if fixed_grid is None else fixed_grid:  # fixed by the token count and views: one captured CUDA graph serves any mix of adapters
+        grid = (triton.cdiv(n, block_m), tiles * split_k, batch.slot_counts.numel())
+    else:  # Triton's interpreter pays per program: launch only the active slots' tiles (host metadata is free)
+        longest = max((stop - start for _, start, stop in batch.segments), default=0)
+        grid = (triton.cdiv(longest, block_m), tiles * split_k, len(batch.segments))
+        if not batch.segments:
+            return
+    segment_lora_kernel[grid](
+        x, weight, out, scalings if scalings is not None else out,
+        batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots, views.table(x.device),
+        x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
+        in_chunks, chunk_stride, layout.group_width, layout.group_stride, layout.offset,
+        X_BY_TOKEN=shrink, OUT_BY_TOKEN=not shrink, HAS_SCALE=scalings is not None, ACCUMULATE=not shrink,
+        SPLIT_K=split_k, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+
+
+def default_split_k(num_tokens: int, cols: int) -> int:
+    """Split the shrink's K loop when few tokens meet a long input row (decode), so more programs share it."""
+    if num_tokens > 256:
+        return 1
+    return max(1, min(16, cols // 512))
+
+
+def shrink(x: torch.Tensor, weight: torch.Tensor, views: SlotViews, batch: SlotBatch, split_k: int | None = None,
+           **tiles) -> torch.Tensor:
+    """ops.lora_shrink on the GPU: z [n, R] in slot order (float32 when split-K sums atomically)."""
+    split_k = split_k or default_split_k(batch.num_tokens, weight.shape[2])
+    dtype = torch.float32 if split_k > 1 else x.dtype
+    z = torch.zeros(x.shape[0], weight.shape[1], dtype=dtype, device=x.device)
+    _launch(x, weight, z, views, batch, shrink=True, split_k=split_k, **tiles)
+    return z
+
+
+def expand(z: torch.Tensor, weight: torch.Tensor, views: SlotViews, scalings: torch.Tensor, batch: SlotBatch,
+           out: torch.Tensor, layout: OutputLayout, in_chunks: int = 1, **tiles) -> torch.Tensor:
+    """ops.lora_expand on the GPU: adds into out in place (fused layout), tokens without an adapter untouched."""
+    _launch(z, weight, out, views, batch, shrink=False, scalings=scalings, layout=layout, in_chunks=in_chunks,
+            chunk_stride=z.shape[1] // in_chunks, **tiles)
+    return out

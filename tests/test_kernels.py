@@ -1,0 +1,69 @@
+"""The Triton kernels' own knobs, beyond the shared ops suite (test_ops.py): split-K with atomic float32 sums, several
+token and output tiles per slot, and bf16 (GPU only: Triton's interpreter computes bf16 tl.dot wrongly, so on CPU
+bf16 cannot be checked at all). On CPU the kernels run in Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megatron_bdlora.ops import FactorView, OutputLayout, SlotBatch, SlotViews
+from test_ops import _check, _reference_expand, _reference_shrink, _stack
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not ON_GPU:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined: they then run in the interpreter
+    from megatron_bdlora import kernels
+
+    return kernels
+
+
+def _case(dtype, device, seed=0):
+    views_a = SlotViews([FactorView(32, 48), FactorView(24, 12, 4), FactorView(8, 48), FactorView(32, 48)])
+    views_b = SlotViews([FactorView(40, 32), FactorView(40, 12, 2), FactorView(40, 8), FactorView(40, 32)])
+    slot_ids = [0] * 19 + [2, -1, 1, 1] + [0] * 3 + [1] * 17  # slot 3 idle
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(slot_ids), 48, generator=g).to(dtype)
+    a, b = _stack(views_a, (32, 48), dtype, seed + 1), _stack(views_b, (40, 32), dtype, seed + 2)
+    scalings = torch.tensor([0.5, 2.0, 1.25, 4.0])
+    batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids, device=device), 4)
+    return views_a, views_b, slot_ids, x.to(device), a.to(device), b.to(device), scalings.to(device), batch
+
+
+@pytest.mark.parametrize("split_k,fixed_grid", [(1, True), (3, False)])
+def test_split_k_and_small_tiles_match_float64(kernels, split_k, fixed_grid):
+    """Token tiles of 16 (slots of 19 and 22 tokens span two), output tiles of 16 (rank 32 spans two, a 6-row
+    block of a 4-block factor gets one each), K tiles of 16 split three ways with atomic float32 sums; the
+    GPU's fixed grid (programs of idle slots and tiles past a slot's tokens exit) and the interpreter's compact one."""
+    device = "cuda" if ON_GPU else "cpu"
+    views_a, views_b, slot_ids, x, a, b, scalings, batch = _case(torch.float32, device)
+    tiles = dict(block_m=16, block_n=16, block_k=16, fixed_grid=fixed_grid)
+    z = kernels.shrink(x, a, views_a, batch, split_k=split_k, **tiles)
+    _check(z.cpu(), _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), torch.float32, f"shrink split_k={split_k}")
+    poison = torch.randn(len(slot_ids), 40, generator=torch.Generator().manual_seed(9)).to(device)
+    out = poison.clone()
+    layout = OutputLayout.contiguous(40)
+    kernels.expand(z, b, views_b, scalings, batch, out, layout, **tiles)
+    want = _reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout)
+    _check(out.cpu(), want, torch.float32, "expand")
+    assert torch.equal(out[20], poison[20])  # the token without an adapter
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU: Triton's interpreter computes bf16 tl.dot wrongly")
+def test_bf16_on_gpu_matches_float64(kernels):
+    views_a, views_b, slot_ids, x, a, b, scalings, batch = _case(torch.bfloat16, "cuda", seed=4)
+    z = kernels.shrink(x, a, views_a, batch, split_k=1)
+    # bf16 keeps 8 bits of mantissa: unit roundoff 2**-8 ~ 3.9e-3 per stored z / out element
+    tol = 8e-3
+    want_z = _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids)
+    assert (z.cpu().double() - want_z).abs().max() <= tol * want_z.abs().max()
+    out = torch.zeros(len(slot_ids), 40, dtype=torch.bfloat16, device="cuda")
+    kernels.expand(z, b, views_b, scalings, batch, out, OutputLayout.contiguous(40))
+    want = _reference_expand(torch.zeros(len(slot_ids), 40), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, OutputLayout.contiguous(40))
+    assert (out.cpu().double() - want).abs().max() <= tol * want.abs().max()
