@@ -158,8 +158,9 @@ class SlotBatch:
 
     @property
     def any_adapter(self) -> bool:
-        """Whether any token uses an adapter (else LoRA layers skip the branch this step)."""
-        return bool(self.segments)
+        """Whether any token may use an adapter (else LoRA layers skip the branch this step). On a GPU always
+        True, so the forward never syncs (a base-only step's kernels exit at once)."""
+        return self.order.is_cuda or bool(self.segments)
 
     def _host_order(self) -> torch.Tensor | None:
         """The sort order, or None when it is the identity (tokens already grouped: no gather/scatter)."""

@@ -2,7 +2,8 @@
 collectives per decode step, the PEFT baseline, the plot.
 
 Two runs of a 2-layer random Llama (3 requests over 2 adapters), started together: TP 2 with every mode of our
-loop (collectives), TP 1 with every mode plus transformers + PEFT. Timings are not asserted (a shared 2-core
+loop at the paper's ranks (--paper-ranks; collectives), TP 1 with every mode serving one BD adapter set exactly
+converted, plus transformers + PEFT. Timings are not asserted (a shared 2-core
 CPU); output agreement and collective counts are exact.
 """
 
@@ -18,16 +19,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "bench_serving.py"
 LAYERS = 2
+RANK = 4
 TINY = ("--model", "random", "--layers", str(LAYERS), "--hidden", "64", "--intermediate", "96", "--heads", "8",
-        "--kv-heads", "4", "--num-requests", "3", "--num-adapters", "2", "--adapter-rank", "4", "--prompt-len", "4,8",
+        "--kv-heads", "4", "--num-requests", "3", "--num-adapters", "2", "--adapter-rank", str(RANK), "--prompt-len", "4,8",
         "--output-len", "3,5", "--warmup", "2")
 OURS = ("block_diagonal", "slora", "replicated", "none")
+PAPER = ("bd_2r", "bd_4r", "bd_matched", "slora", "replicated", "none")
 METRICS = {"output_tokens", "wall_s", "tokens_per_s", "ttft_ms_mean", "ttft_ms_p50", "tpot_ms_mean",
            "latency_s_p50", "latency_s_p99", "engine_steps", "decode_steps", "decode_step_ms_p50"}
 FLAGS = ("--tp", "--modes", "--peft", "--json", "--plot", "--num-requests", "--num-adapters", "--adapter-rank",
          "--popularity-alpha", "--arrival", "--rate", "--prompt-len", "--output-len", "--seed", "--model", "--layers",
          "--hidden", "--intermediate", "--heads", "--kv-heads", "--max-num-seqs", "--max-num-batched-tokens",
-         "--max-loras", "--max-model-len", "--kv-cache-gb", "--block-size", "--threads", "--warmup", "--repeats")
+         "--max-loras", "--max-model-len", "--kv-cache-gb", "--block-size", "--threads", "--warmup", "--repeats",
+         "--model-shape", "--paper-ranks")
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -47,7 +51,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> dict:
 def runs(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("bench_serving")
     procs = {
-        2: _start("--tp", "2", *TINY, "--json", str(tmp / "tp2.json"), "--plot", str(tmp / "tp2.png")),
+        2: _start("--tp", "2", *TINY, "--paper-ranks", "--json", str(tmp / "tp2.json"), "--plot", str(tmp / "tp2.png")),
         1: _start("--tp", "1", "--threads", "1", "--peft", *TINY, "--json", str(tmp / "tp1.json"),
                   "--plot", str(tmp / "tp1.png")),
     }
@@ -61,7 +65,7 @@ def runs(tmp_path_factory) -> dict[int, dict]:
 def test_json_holds_every_system_with_every_metric(runs, tp):
     result = runs[tp]
     systems = result["systems"]
-    assert list(systems) == list(OURS) + (["peft"] if tp == 1 else [])
+    assert list(systems) == (list(OURS) + ["peft"] if tp == 1 else list(PAPER))
     workload = result["workload"]["requests"]
     assert len(workload) == 3 and {r["adapter"] for r in workload} <= {0, 1}
     want_tokens = sum(r["output_len"] for r in workload)
@@ -75,13 +79,15 @@ def test_json_holds_every_system_with_every_metric(runs, tp):
         assert row["label"] in result["stdout"]
     env = result["environment"]
     assert {"date", "torch", "megatron_core", "transformers", "peft", "host_cpu_count", "torch_threads_per_rank"} <= set(env)
-    assert [r["comparison"] for r in result["ratios"]] == (
-        ["BD vs S-LoRA", "BD vs replicated", "BD vs none"] + (["BD vs PEFT"] if tp == 1 else []))
+    if tp == 1:
+        assert [r["comparison"] for r in result["ratios"]] == ["BD vs S-LoRA", "BD vs replicated", "BD vs none", "BD vs PEFT"]
+    else:
+        assert [(r["bd"], r["other"]) for r in result["ratios"]] == [
+            (bd, other) for bd in PAPER[:3] for other in ("slora", "replicated", "none")]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_greedy_outputs_are_identical_across_sharding_modes_and_adapters_change_them(runs, tp):
-    check = runs[tp]["agreement"]
+def test_greedy_outputs_are_identical_across_sharding_modes_and_adapters_change_them(runs):
+    check = runs[1]["agreement"]
     assert check["reference"] == "block_diagonal"
     for mode in ("slora", "replicated"):
         assert check[f"block_diagonal_vs_{mode}"]["mismatches"] == 0, (mode, check[f"block_diagonal_vs_{mode}"])
@@ -90,11 +96,41 @@ def test_greedy_outputs_are_identical_across_sharding_modes_and_adapters_change_
     assert check["block_diagonal_vs_none"]["mismatches"] > 0, "the random adapters should change greedy outputs"
 
 
+def test_paper_ranks_serve_lora_in_both_modes_identically_and_bd_at_2r_4r_and_matched(runs):
+    from megatron_bdlora.config import ALL_TARGETS
+    from megatron_bdlora.param_count import count_parameters
+
+    result = runs[2]
+    check = result["agreement"]
+    assert check["slora_vs_replicated"]["mismatches"] == 0 and check["adapter_modes_identical"], check
+    assert check["bd_2r_vs_none"]["mismatches"] > 0
+    settings = result["config"]["adapter_settings"]
+    assert settings["lora"]["rank"] == RANK and settings["lora"]["mode"] == "replicated"
+    assert (settings["bd_2r"]["rank"], settings["bd_4r"]["rank"]) == (2 * RANK, 4 * RANK)
+    assert all(settings[v]["nblocks"] == 2 and settings[v]["mode"] == "block_diagonal" for v in PAPER[:3])
+    # matched: the largest BD rank (a multiple of nblocks) whose adapter is no larger than LoRA's at r
+    hf_config, matched = result["config"]["base_hf_config"], settings["bd_matched"]["rank"]
+    lora = count_parameters(hf_config, ALL_TARGETS, "replicated", RANK)
+    assert count_parameters(hf_config, ALL_TARGETS, "block_diagonal", matched, 2) <= lora
+    assert count_parameters(hf_config, ALL_TARGETS, "block_diagonal", matched + 2, 2) > lora
+
+
+def test_model_shape_gives_the_llama_widths():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serving_cli", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--tp", "2", "--model-shape", "llama-3.1-70b"])
+    assert (args.model, args.hidden, args.intermediate, args.heads, args.kv_heads, args.layers) == (
+        "random", 8192, 28672, 64, 8, 2)  # the 70B config.json; 2 layers unless --layers says otherwise
+
+
 def test_bd_adds_no_collective_per_decode_step_and_slora_adds_two_per_adapted_layer_pair(runs):
     systems = runs[2]["systems"]
     counts = {name: row["decode_collectives"] for name, row in systems.items()}
     assert all(c for c in counts.values()), counts
-    assert counts["block_diagonal"] == counts["none"] == counts["replicated"]
+    assert counts["bd_2r"] == counts["bd_4r"] == counts["bd_matched"] == counts["none"] == counts["replicated"]
     # attention (qkv -> o) and MLP (gate/up -> down) pairs per layer; S-LoRA: an all-gather and an all-reduce each
     extra = 2 * 2 * LAYERS
     assert runs[2]["expected_extra_collectives_per_forward"] == {"block_diagonal": 0, "slora": extra, "replicated": 0}

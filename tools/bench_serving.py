@@ -3,6 +3,7 @@
     python tools/bench_serving.py --tp 2 --modes block_diagonal,slora,replicated,none \\
         --json runs/bench_serving.json --plot runs/bench_serving.png
     python tools/bench_serving.py --tp 1 --peft --json runs/bench_serving_tp1.json --plot runs/bench_serving_tp1.png
+    python tools/bench_serving.py --tp 2 --model-shape llama-3.1-8b --layers 2 --paper-ranks --json runs/paper_tp2.json
 
 One workload (prompts as token ids, an adapter per request drawn from a power-law popularity as in S-LoRA's
 benchmark, arrival times, output lengths; all from --seed) is replayed in-process, without HTTP, through
@@ -13,6 +14,12 @@ loops serve the same adapters converted exactly, so their greedy outputs must eq
 "none" sends every request to the base model (same loop, no adapter): the floor. --peft (TP 1) also runs
 the prompts through transformers + PEFT mixed-adapter batching (`generate(..., adapter_names=[...])`) in
 static batches of --max-num-seqs requests, and compares its greedy outputs with ours.
+
+--model-shape gives the random base the per-layer widths of Llama-3.1-8B / 70B (d, ffn, query and KV heads;
+SmolLM2's vocabulary of 49152, not 128256) with --layers layers. --paper-ranks compares as the paper does, at
+ranks instead of exact conversions: plain LoRA adapters of rank r (--adapter-rank) in S-LoRA and replicated mode
+(the same adapters: their greedy outputs must be equal) against BD adapters (nblocks = TP) of rank 2r, 4r and
+the rank with LoRA's parameter count at this TP (megatron_bdlora.param_count.match_bd_rank, as tools/rank_match.py).
 
 Per system: output tokens/s (generated tokens / wall time from the first arrival to the last token), time to
 first token, time per output token after the first, the median decode-only step (robust to bursts of load
@@ -57,6 +64,7 @@ MODES = ("block_diagonal", "slora", "replicated")  # the adapter modes of the sh
 NONE = "none"  # every request to the base model, on the block_diagonal loop
 PEFT = "peft"  # transformers + PEFT mixed-adapter batching (TP 1)
 LABELS = {"block_diagonal": "BD", "slora": "S-LoRA", "replicated": "replicated", NONE: "none", PEFT: "PEFT"}
+BD_PAPER_RANKS = ("bd_2r", "bd_4r", "bd_matched")  # --paper-ranks: BD systems (and their adapter variants)
 FIRST_TOKEN_ID = 100  # prompt ids are drawn above the tokenizer's special tokens
 B_STD = 0.01  # std of the random B factors (A is scaled to unit gain): an adapter that visibly changes outputs
 _SHORT = {"all_reduce": "AR", "all_gather_into_tensor": "AG", "all_gather": "AG", "reduce_scatter_tensor": "RS",
@@ -118,32 +126,74 @@ def prepare_base(args: argparse.Namespace) -> tuple[Path, Path]:
     return hf_dir, ensure_megatron_base(hf_dir, args.tp)
 
 
-def adapter_settings(args: argparse.Namespace):
-    """The benchmark's adapters: BD over all seven projections, nblocks = TP, rank --adapter-rank, alpha 2r."""
-    from megatron_bdlora.config import LoRASettings
+def adapter_variants(args: argparse.Namespace, hf_config: dict) -> dict:
+    """The adapter sets of the run (all seven projections, alpha 2 x rank): variant -> LoRASettings.
 
-    return LoRASettings(rank=args.adapter_rank, alpha=2.0 * args.adapter_rank, nblocks=args.tp)
+    Default: "bd", BD at --adapter-rank with nblocks = TP, served by every mode through exact conversion.
+    --paper-ranks: "lora" (plain LoRA at r) and BD at 2r, 4r and LoRA's parameter count at this TP.
+    """
+    from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+    from megatron_bdlora.param_count import match_bd_rank
+
+    r, tp = args.adapter_rank, args.tp
+    if not args.paper_ranks:
+        return {"bd": LoRASettings(rank=r, alpha=2.0 * r, nblocks=tp)}
+    bd = dict(zip(BD_PAPER_RANKS, (2 * r, 4 * r, match_bd_rank(hf_config, ALL_TARGETS, tp, r))))
+    return {"lora": LoRASettings(rank=r, alpha=2.0 * r, mode="replicated")} | {
+        name: LoRASettings(rank=rank, alpha=2.0 * rank, nblocks=tp) for name, rank in bd.items()}
 
 
-def write_adapters(root: Path, hf_config: dict, args: argparse.Namespace) -> dict[str, str]:
-    """K native BD checkpoints with random non-zero factors (A unit gain, B std B_STD); name -> directory."""
+def system_specs(args: argparse.Namespace, variants: dict) -> dict[str, dict]:
+    """Each system of the run, in table order: its label, the loop mode serving it (None: PEFT) and the adapter
+    variant its requests use (None: the base model)."""
+    out: dict[str, dict] = {}
+    for m in args.modes:
+        if m == NONE:
+            continue
+        if not args.paper_ranks:
+            out[m] = dict(label=LABELS[m], mode=m, variant="bd")
+        elif m == "block_diagonal":
+            for v in BD_PAPER_RANKS:
+                out[v] = dict(label=f"BD {v[3:]} (r={variants[v].rank})", mode=m, variant=v)
+        else:
+            out[m] = dict(label=f"{LABELS[m]} (r={variants['lora'].rank})", mode=m, variant="lora")
+    if NONE in args.modes:
+        out[NONE] = dict(label=LABELS[NONE], mode="block_diagonal", variant=None)
+    if args.peft:
+        out[PEFT] = dict(label=LABELS[PEFT], mode=None, variant="bd")
+    return out
+
+
+def adapter_names(variants: dict, num_adapters: int) -> dict[str, list[str]]:
+    """variant -> the names of its K adapters (a0, a1, ... when there is one variant)."""
+    prefix = (lambda v: "") if len(variants) == 1 else (lambda v: f"{v}-")  # noqa: E731
+    return {v: [f"{prefix(v)}a{k}" for k in range(num_adapters)] for v in variants}
+
+
+def write_adapters(root: Path, hf_config: dict, args: argparse.Namespace, variants: dict) -> dict[str, str]:
+    """K native checkpoints per variant with random non-zero factors (A unit gain, B std B_STD); name -> directory."""
+    out = {}
+    for (variant, settings), names in zip(variants.items(), adapter_names(variants, args.num_adapters).values()):
+        for k, name in enumerate(names):
+            out[name] = _write_adapter(root / name, hf_config, settings, args.tp, args.seed * 1000 + k)
+    return out
+
+
+def _write_adapter(path: Path, hf_config: dict, settings, tp: int, seed: int) -> str:
+    """One native checkpoint of random factors for every layer and target at `settings`' rank and blocks."""
     from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
     from megatron_bdlora.targets import lora_plan
 
-    settings = adapter_settings(args)
-    out = {}
-    for k in range(args.num_adapters):
-        g = torch.Generator().manual_seed(args.seed * 1000 + k)
-        factors = {}
-        for layer in range(hf_config["num_hidden_layers"]):
-            for proj in settings.targets:
-                plan = lora_plan(hf_config, proj, settings, args.tp)  # stored (PEFT) shapes
-                a = torch.randn(plan.a.full_shape, generator=g) / plan.a.full_shape[1] ** 0.5  # [r, in / blocks?]
-                b = torch.randn(plan.b.full_shape, generator=g) * B_STD  # [out, r / blocks?]
-                factors[(layer, proj)] = (a, b)
-        ckpt = AdapterCheckpoint(settings, hf_config, args.tp, factors, base_model_name="bench")
-        out[f"a{k}"] = str(save_native(ckpt, root / f"a{k}", overwrite=True))
-    return out
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for layer in range(hf_config["num_hidden_layers"]):
+        for proj in settings.targets:
+            plan = lora_plan(hf_config, proj, settings, tp)  # stored (PEFT) shapes
+            a = torch.randn(plan.a.full_shape, generator=g) / plan.a.full_shape[1] ** 0.5  # [r, in / blocks?]
+            b = torch.randn(plan.b.full_shape, generator=g) * B_STD  # [out, r / blocks?]
+            factors[(layer, proj)] = (a, b)
+    ckpt = AdapterCheckpoint(settings, hf_config, tp, factors, base_model_name="bench")
+    return str(save_native(ckpt, path, overwrite=True))
 
 
 def expected_extra_collectives(hf_config: dict, mode: str, tp: int, rank: int) -> int:
@@ -347,23 +397,27 @@ def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict
     from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
 
     torch.set_num_threads(spec["threads"])
-    systems = spec["systems"]
-    names = list(adapter_dirs)
+    specs, names = spec["systems"], spec["names"]
+    systems = list(specs)
     loops, probes = {}, {}
-    for mode in dict.fromkeys(s if s in MODES else "block_diagonal" for s in systems if s != PEFT):
-        config = ServingConfig(megatron_dir=Path(spec["megatron_dir"]), mode=mode, adapters=adapter_dirs,
-                               max_loras=spec["max_loras"], max_lora_rank=spec["adapter_rank"], **spec["engine"])
+    for mode in dict.fromkeys(s["mode"] for s in specs.values() if s["mode"]):
+        # every adapter its systems serve stays resident in its own slot: no adapter loads while timing
+        variants = list(dict.fromkeys(s["variant"] for s in specs.values() if s["mode"] == mode and s["variant"]))
+        served = {n: adapter_dirs[n] for v in variants for n in names[v]}
+        config = ServingConfig(megatron_dir=Path(spec["megatron_dir"]), mode=mode, adapters=served,
+                               max_loras=spec["max_loras"] * max(1, len(variants)),
+                               max_lora_rank=max([spec["ranks"][v] for v in variants], default=spec["adapter_rank"]),
+                               **spec["engine"])
         loops[mode] = ServingLoop.create(config, info)
         probes[mode] = _StepProbe(loops[mode])
     peft = PeftBatcher(Path(spec["hf_dir"]), spec["peft_dirs"], spec["engine"]["max_num_seqs"]) if PEFT in systems else None
 
     def run(system: str, requests: list[dict], count: bool = False, bar: Any = None) -> dict | None:
-        adapters = [names[r["adapter"]] for r in requests]
+        s = specs[system]
+        adapters = [names[s["variant"]][r["adapter"]] if s["variant"] else None for r in requests]
         if system == PEFT:
             return peft.replay(requests, adapters, bar)
-        mode = system if system in MODES else "block_diagonal"
-        served = [None] * len(requests) if system == NONE else adapters
-        return replay(loops[mode], probes[mode], info, requests, served, count, bar)
+        return replay(loops[s["mode"]], probes[s["mode"]], info, requests, adapters, count, bar)
 
     lead = info.rank == 0
     warm = warmup_requests(workload, spec["warmup"])
@@ -420,7 +474,7 @@ def run_metrics(run: dict) -> dict:
     )
 
 
-def summarise_system(name: str, result: dict) -> dict:
+def summarise_system(name: str, label: str, result: dict) -> dict:
     """Per-repeat metrics and their medians (the table's numbers); tokens of the first repeat."""
     per_repeat = [run_metrics(r) for r in result["repeats"]]
     keys = [k for k, v in per_repeat[0].items() if v is not None]
@@ -429,7 +483,7 @@ def summarise_system(name: str, result: dict) -> dict:
     stable = all([r["tokens"] for r in rep["requests"]] == first for rep in result["repeats"])
     return dict(
         system=name,
-        label=LABELS[name],
+        label=label,
         metrics=median | {k: None for k in per_repeat[0] if k not in keys},
         tokens_per_s_repeats=[m["tokens_per_s"] for m in per_repeat],
         per_repeat=per_repeat,
@@ -458,47 +512,52 @@ def compare_tokens(ours: list[list[int]], other: list[list[int]]) -> dict:
     )
 
 
-def agreement(systems: dict[str, dict]) -> dict:
-    """Output checks: the three modes must be identical; PEFT is compared honestly; none shows the adapters act."""
-    ref = next((m for m in MODES if m in systems), None)
+def agreement(systems: dict[str, dict], specs: dict[str, dict]) -> dict:
+    """Output checks: systems serving the same adapters in different modes must be identical (mode_mismatches);
+    PEFT is compared honestly; none against the first adapter system shows the adapters act."""
+    groups: dict[str, list[str]] = {}
+    for name, s in specs.items():
+        if s["variant"]:
+            groups.setdefault(s["variant"], []).append(name)
+    ref = next((g[0] for g in groups.values()), None)
     out: dict[str, Any] = {"reference": ref}
     if ref is None:
         return out
-    for s, row in systems.items():
-        if s != ref:
-            out[f"{ref}_vs_{s}"] = compare_tokens(systems[ref]["tokens"], row["tokens"])
-    adapter_modes = [m for m in MODES if m in systems]
-    out["adapter_modes_identical"] = all(out[f"{ref}_vs_{m}"]["mismatches"] == 0 for m in adapter_modes if m != ref)
-    out["mode_mismatches"] = sum(out[f"{ref}_vs_{m}"]["mismatches"] for m in adapter_modes if m != ref)
+    pairs = [(g[0], other) for g in groups.values() for other in g[1:]] + [(ref, n) for n in specs if not specs[n]["variant"]]
+    for a, b in pairs:
+        out[f"{a}_vs_{b}"] = compare_tokens(systems[a]["tokens"], systems[b]["tokens"])
+    modes = [f"{a}_vs_{b}" for a, b in pairs if PEFT not in (a, b) and specs[b]["variant"]]
+    out["adapter_modes_identical"] = all(out[k]["mismatches"] == 0 for k in modes)
+    out["mode_mismatches"] = sum(out[k]["mismatches"] for k in modes)
     out["outputs_same_every_repeat"] = all(row["outputs_same_every_repeat"] for row in systems.values())
     return out
 
 
-def ratios(systems: dict[str, dict], tp: int, max_num_seqs: int) -> list[dict]:
-    """BD against each other system (> 1: BD better), with the serving issue's target where one applies."""
-    if "block_diagonal" not in systems:
-        return []
-    bd = systems["block_diagonal"]["metrics"]
+def ratios(systems: dict[str, dict], specs: dict[str, dict], tp: int, max_num_seqs: int) -> list[dict]:
+    """Each BD system against each other system (> 1: BD better), with the serving issue's target where one applies."""
     rows = []
-    for label, other, target_tp1, target_tp2 in TARGETS:
-        if other not in systems:
-            continue
-        o = systems[other]["metrics"]
-        target = target_tp1 if tp == 1 else target_tp2
-        if other == "slora" and max_num_seqs > 8:
-            target = None  # the issue's S-LoRA target is for batches <= 8
-        tps = bd["tokens_per_s"] / o["tokens_per_s"]
-        rows.append(dict(
-            comparison=label,
-            other=other,
-            tokens_per_s_ratio=tps,
-            tpot_ratio=o["tpot_ms_mean"] / bd["tpot_ms_mean"],
-            decode_step_ratio=o["decode_step_ms_p50"] / bd["decode_step_ms_p50"],
-            ttft_ratio=o["ttft_ms_mean"] / bd["ttft_ms_mean"],
-            latency_p50_ratio=o["latency_s_p50"] / bd["latency_s_p50"],
-            target_tokens_per_s_ratio=target,
-            met=None if target is None else tps >= target,
-        ))
+    for bd_name in (n for n, s in specs.items() if s["mode"] == "block_diagonal" and s["variant"]):
+        bd = systems[bd_name]["metrics"]
+        for label, other, target_tp1, target_tp2 in TARGETS:
+            if other not in systems:
+                continue
+            o = systems[other]["metrics"]
+            target = target_tp1 if tp == 1 else target_tp2
+            if other == "slora" and max_num_seqs > 8:
+                target = None  # the issue's S-LoRA target is for batches <= 8
+            tps = bd["tokens_per_s"] / o["tokens_per_s"]
+            rows.append(dict(
+                comparison=label if bd_name == "block_diagonal" else f"{systems[bd_name]['label']} vs {systems[other]['label']}",
+                bd=bd_name,
+                other=other,
+                tokens_per_s_ratio=tps,
+                tpot_ratio=o["tpot_ms_mean"] / bd["tpot_ms_mean"],
+                decode_step_ratio=o["decode_step_ms_p50"] / bd["decode_step_ms_p50"],
+                ttft_ratio=o["ttft_ms_mean"] / bd["ttft_ms_mean"],
+                latency_p50_ratio=o["latency_s_p50"] / bd["latency_s_p50"],
+                target_tokens_per_s_ratio=target,
+                met=None if target is None else tps >= target,
+            ))
     return rows
 
 
@@ -548,17 +607,16 @@ def format_ratios(rows: list[dict]) -> str:
     return _table(head, body)
 
 
-def format_agreement(check: dict) -> str:
-    """One line per comparison of greedy outputs with the reference mode."""
-    ref = check.get("reference")
+def format_agreement(check: dict, labels: dict[str, str]) -> str:
+    """One line per comparison of greedy outputs."""
     lines = []
     for key, c in check.items():
         if not isinstance(c, dict):
             continue
-        other = key.split("_vs_", 1)[1]
+        a, b = key.split("_vs_", 1)
         diverged = sorted(p for p in c["first_divergence"] if p is not None)
         lines.append(
-            f"{LABELS[ref]} vs {LABELS[other]}: {c['exact_match_requests']}/{c['requests']} requests identical, "
+            f"{labels[a]} vs {labels[b]}: {c['exact_match_requests']}/{c['requests']} requests identical, "
             f"{c['mismatches']} differ; {100 * c['tokens_before_first_divergence']:.1f}% of tokens before the first "
             f"divergence" + (f"; first divergence at tokens {diverged}" if diverged else "")
         )
@@ -675,6 +733,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--num-requests", type=int, default=8, help="requests in the workload (default 8)")
     w.add_argument("--num-adapters", type=int, default=4, help="K random BD adapters the requests are spread over (default 4)")
     w.add_argument("--adapter-rank", type=int, default=16, help="rank r of every adapter; a multiple of --tp (default 16)")
+    w.add_argument("--paper-ranks", action="store_true",
+                   help="the paper's comparison: plain LoRA at r in S-LoRA / replicated vs BD at 2r, 4r and LoRA's "
+                        "parameter count (rank-match at this TP), instead of one BD adapter set converted exactly")
     w.add_argument("--popularity-alpha", type=float, default=1.0,
                    help="power-law (Zipf) popularity of the adapters as in S-LoRA's benchmark: adapter k is drawn with "
                    "weight 1/(k+1)^alpha; 0 = uniform (default 1.0)")
@@ -688,7 +749,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--model", choices=("smollm2", "random"), default=None,
                    help="smollm2: the embedded SmolLM2-135M-Instruct (float32; 3 KV heads, so TP 1 or 3); random: a "
                    "seeded random Llama of the shape below with SmolLM2's tokenizer (default: smollm2 at TP 1, random otherwise)")
-    m.add_argument("--layers", type=int, default=16, help="random Llama: decoder layers (default 16)")
+    m.add_argument("--model-shape", choices=("llama-3.1-8b", "llama-3.1-70b"), default=None,
+                   help="random Llama with this model's per-layer widths (d, ffn, heads, KV heads; SmolLM2's vocabulary) "
+                        "and --layers layers; overrides --hidden/--intermediate/--heads/--kv-heads")
+    m.add_argument("--layers", type=int, default=None, help="random Llama: decoder layers (default 16; 2 with --model-shape)")
     m.add_argument("--hidden", type=int, default=512, help="random Llama: hidden size (default 512)")
     m.add_argument("--intermediate", type=int, default=1536, help="random Llama: MLP width (default 1536)")
     m.add_argument("--heads", type=int, default=8, help="random Llama: attention heads (default 8)")
@@ -705,6 +769,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--warmup", type=int, default=2, help="requests of the workload (plus the first request of every adapter not among them; at most 6 new tokens each) run untimed through each system first; their decode-only step gives the collective counts (default 2)")
     r.add_argument("--repeats", type=int, default=1, help="timed replays per system, interleaved across systems; the table shows medians (default 1)")
     args = p.parse_args(argv)
+    if args.model_shape:
+        from megatron_bdlora.param_count import BUILTIN_CONFIGS
+
+        shape = BUILTIN_CONFIGS[args.model_shape]
+        args.model = "random"
+        args.hidden, args.intermediate = shape["hidden_size"], shape["intermediate_size"]
+        args.heads, args.kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+        args.layers = args.layers or 2
+    args.layers = args.layers or 16
     args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
     unknown = [s for s in args.modes if s not in MODES + (NONE,)]
     if unknown or not args.modes or len(set(args.modes)) != len(args.modes):
@@ -717,6 +790,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup must be >= 1 (the collectives are counted on the warm-up's decode steps)")
     if args.peft and args.tp != 1:
         p.error("--peft runs at --tp 1 only (transformers + PEFT is a single-process baseline)")
+    if args.peft and args.paper_ranks:
+        p.error("--peft compares the exactly converted adapters: it does not combine with --paper-ranks")
     if args.adapter_rank % args.tp:
         p.error(f"--adapter-rank {args.adapter_rank} must be a multiple of --tp {args.tp} (BD blocks the rank over TP)")
     if args.rate <= 0:
@@ -752,12 +827,15 @@ def main(argv: list[str] | None = None) -> dict:
     hf_dir, meg_dir = prepare_base(args)
     hf_config = json.loads((meg_dir / "config.json").read_text())
     workload = make_workload(args, hf_config["vocab_size"])
-    systems = args.modes + ([PEFT] if args.peft else [])
+    variants = adapter_variants(args, hf_config)
+    specs = system_specs(args, variants)
+    names = adapter_names(variants, args.num_adapters)
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
-        adapter_dirs = write_adapters(Path(tmp) / "native", hf_config, args)
-        peft_dirs = {n: str(export_peft_directory(d, Path(tmp) / "peft" / n)) for n, d in adapter_dirs.items()} if args.peft else {}
+        adapter_dirs = write_adapters(Path(tmp) / "native", hf_config, args, variants)
+        peft_dirs = {n: str(export_peft_directory(adapter_dirs[n], Path(tmp) / "peft" / n)) for n in names["bd"]} if args.peft else {}
         spec = dict(
-            systems=systems, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+            systems=specs, names=names, ranks={v: st.rank for v, st in variants.items()},
+            threads=args.threads, warmup=args.warmup, repeats=args.repeats,
             megatron_dir=str(meg_dir), hf_dir=str(hf_dir), peft_dirs=peft_dirs, adapter_rank=args.adapter_rank,
             max_loras=args.max_loras,
             engine=dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -776,16 +854,20 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             raw = run_distributed(bench_serving.serve_worker, args.tp, spec, workload, adapter_dirs)[0]
 
-    rows = {s: summarise_system(s, raw[s]) for s in systems}
-    check = agreement(rows)
-    ratio_rows = ratios(rows, args.tp, args.max_num_seqs)
+    rows = {s: summarise_system(s, specs[s]["label"], raw[s]) for s in specs}
+    check = agreement(rows, specs)
+    ratio_rows = ratios(rows, specs, args.tp, args.max_num_seqs)
     extra = {m: expected_extra_collectives(hf_config, m, args.tp, args.adapter_rank) for m in MODES}
     counts = Counter(r["adapter"] for r in workload)
     model_text = ("SmolLM2-135M" if args.model == "smollm2" else
-                  f"random Llama {args.layers}L h{args.hidden} ffn{args.intermediate} {args.heads}H/{args.kv_heads}KV")
+                  f"random Llama {args.layers}L h{args.hidden} ffn{args.intermediate} {args.heads}H/{args.kv_heads}KV"
+                  + (f" ({args.model_shape} widths, vocab {hf_config['vocab_size']})" if args.model_shape else ""))
+    adapters_text = (f"{args.num_adapters} BD adapters rank {args.adapter_rank}" if not args.paper_ranks else
+                     f"{args.num_adapters} adapters per system: " + ", ".join(
+                         f"{v} r={st.rank}" for v, st in variants.items()))
     title = (f"TP={args.tp}, {model_text}, float32, {args.threads} thread(s)/rank; {args.num_requests} requests "
-             f"({args.arrival}{f' {args.rate}/s' if args.arrival == 'poisson' else ''}) over {args.num_adapters} BD "
-             f"adapters rank {args.adapter_rank} (requests per adapter {[counts[k] for k in range(args.num_adapters)]}), "
+             f"({args.arrival}{f' {args.rate}/s' if args.arrival == 'poisson' else ''}) over {adapters_text} "
+             f"(requests per adapter {[counts[k] for k in range(args.num_adapters)]}), "
              f"prompt {args.prompt_len[0]}-{args.prompt_len[1]}, output {args.output_len[0]}-{args.output_len[1]}, "
              f"max-num-seqs {args.max_num_seqs}; median of {args.repeats} repeat(s)")
     print(title)
@@ -793,14 +875,15 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(format_ratios(ratio_rows))
     print()
-    print(format_agreement(check))
+    print(format_agreement(check, {s: row["label"] for s, row in rows.items()}))
     print("expected extra collectives per forward over the base: " + ", ".join(f"{LABELS[m]} {n}" for m, n in extra.items()))
 
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     cfg.update(json=str(args.json) if args.json else None, plot=str(args.plot) if args.plot else None,
                megatron_dir=str(meg_dir), hf_dir=str(hf_dir), base_hf_config=hf_config,
-               adapter_settings=dict(rank=args.adapter_rank, alpha=2.0 * args.adapter_rank, nblocks=args.tp,
-                                     targets="all seven projections", b_std=B_STD),
+               adapter_settings={v: dict(mode=st.mode.value, rank=st.rank, alpha=st.alpha, nblocks=st.nblocks,
+                                         targets="all seven projections", b_std=B_STD) for v, st in variants.items()},
+               systems_served={n: dict(s) for n, s in specs.items()},
                timing="rank 0 time.perf_counter from the first arrival; per system: warm-up, then --repeats timed "
                       "replays interleaved across systems; table values are medians over repeats",
                none="every request to the base model on the block_diagonal loop (adapter slots unused)",
