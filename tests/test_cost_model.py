@@ -1,0 +1,72 @@
+"""tools/cost_model.py: the collectives and LoRA bytes it charges each mode, worked out by hand from the shapes; its
+line fit; its calibration run on two gloo ranks; the direction of its predictions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_bdlora.config import LoRASettings
+
+ROOT = Path(__file__).resolve().parents[1]
+D, FFN, HEADS, KV, LAYERS = 64, 96, 8, 4, 3
+CONFIG = dict(hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS, num_key_value_heads=KV, num_hidden_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def cm():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import cost_model
+
+    return cost_model
+
+
+def test_slora_pays_an_all_gather_per_column_pair_and_an_all_reduce_per_row_layer_bd_none(cm):
+    r, tp, n, es = 8, 2, 5, 4
+    slora = cm.collectives_per_step(CONFIG, LoRASettings(rank=r, mode="slora"), tp, n, es)
+    # per layer: qkv (3 adapters of local rank r/tp, all-gathered to r each), o (all-reduce of r), gate/up (2 adapters), down
+    per_layer = [("all_gather", n * 3 * r * es), ("all_reduce", n * r * es), ("all_gather", n * 2 * r * es), ("all_reduce", n * r * es)]
+    assert sorted(slora) == sorted(per_layer * LAYERS)
+    assert cm.collectives_per_step(CONFIG, LoRASettings(rank=r, nblocks=tp), tp, n, es) == []
+    assert cm.collectives_per_step(CONFIG, LoRASettings(rank=r, mode="replicated"), tp, n, es) == []
+
+
+def test_lora_bytes_follow_each_modes_local_shards(cm):
+    r, tp, n, adapters, es = 8, 2, 4, 3, 2
+    only_q = ("q_proj",)  # column, d_in = D, d_out = HEADS * head_dim = D
+    slora = cm.lora_work(CONFIG, LoRASettings(rank=r, mode="slora", targets=only_q), tp, n, adapters, es)
+    bd = cm.lora_work(CONFIG, LoRASettings(rank=2 * r, nblocks=tp, targets=only_q), tp, n, adapters, es)
+    # S-LoRA rank r: A rows r/tp of [r, D], B rows D/tp of [D, r]; BD rank 2r: A rows 2r/tp, B block [D/tp, 2r/tp]
+    slora_factors = (r // tp) * D + (D // tp) * r
+    bd_factors = (2 * r // tp) * D + (D // tp) * (2 * r // tp)
+    activations = n * (D + D // tp)
+    assert slora == (LAYERS * es * (adapters * slora_factors + 2 * activations), LAYERS * 2 * n * slora_factors, LAYERS)
+    assert bd == (LAYERS * es * (adapters * bd_factors + 2 * activations), LAYERS * 2 * n * bd_factors, LAYERS)
+
+
+def test_line_fit_recovers_latency_and_bandwidth(cm):
+    alpha, beta = 40.0, 2.5  # us, GB/s
+    points = [(b, alpha + b / (beta * 1e3)) for b in (64, 1024, 65536, 2**20)]
+    got = cm.fit_line(points)
+    assert got == pytest.approx((alpha, beta), rel=1e-6)
+
+
+def test_predictions_grow_with_collective_latency_and_bd_issues_none(cm):
+    machine = cm.PUBLISHED["a100-nvlink"]
+    rows = cm.predict("llama-3.1-8b", 8, machine, [8], 16)
+    assert {r["bd"] for r in rows} == {"2r", "4r", "matched"}
+    assert all(r["bd_terms"]["collectives"] == 0 and r["slora_terms"]["collectives"] == 4 * 32 for r in rows)
+    slow = cm.Machine(**{**cm.asdict(machine), "latency_us": {k: 3 * v for k, v in machine.latency_us.items()}})
+    slower = cm.predict("llama-3.1-8b", 8, slow, [8], 16)
+    assert all(b["predicted_ratio"] > a["predicted_ratio"] > 1 for a, b in zip(rows, slower))
+
+
+def test_measure_on_two_gloo_ranks_gives_positive_rates(cm, tmp_path):
+    result = cm.main(["measure", "--tp", "2", "--reps", "3", "--json", str(tmp_path / "m.json")])
+    m = result["machine"]
+    assert m["mem_bandwidth_gbs"] > 0 and m["matmul_gflops"] > 0 and m["branch_overhead_us"] > 0
+    assert set(m["latency_us"]) == {"all_reduce", "all_gather"} and all(v > 0 for v in m["bandwidth_gbs"].values())
+    assert [b for b, _ in result["sweep"]["all_gather"]] == [2 * b for b in cm.SWEEP_BYTES]  # gathered bytes
+    assert (tmp_path / "m.json").is_file()

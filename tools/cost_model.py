@@ -1,0 +1,364 @@
+"""A cost model of one decode step per sharding mode: base + LoRA bytes/FLOPs + the collectives the plan issues.
+
+    python tools/cost_model.py measure --tp 2 --json runs/machine_tp2.json        # calibrate on this machine
+    python tools/cost_model.py validate --bench runs/paper_tp2_8b.json --machine runs/machine_tp2.json
+    python tools/cost_model.py predict --model llama-3.1-8b --tp 8 --machine a100-nvlink --json runs/predict_8b.json
+
+Per decode step of n tokens over a adapters, on one TP rank:
+    T(mode) = T_base + sum over layers and targets [ c_branch + max(bytes / BW, flops / F) ]
+                     + sum over the plan's collectives [ alpha_kind + message bytes / beta_kind ]
+bytes: the active adapters' local factor slices (ShardingPlan.local_shape) plus the branch's activations; flops:
+2 n (A + B local elements per adapter) (adapters share the n tokens); collectives: one per fused megatron layer whose
+plan has one (S-LoRA: all-gather after qkv and gate/up, all-reduce after o and down), message n x local rank
+space. BW, F and c_branch (the fixed cost of one projection's shrink + expand: dispatch and launches) and
+(alpha, beta) per collective kind are measured here (`measure`: a sweep of all-reduce / all-gather sizes on the
+TP group, a copy, a skinny matmul, the LoRA ops at tiny size) or given for hardware we do not have (`predict`
+with the published-figure machines below). T_base: `validate` takes the measured no-adapter decode step of the
+benchmark run; `predict` models it as the rank's weight bytes over HBM bandwidth plus the base layers' two
+all-reduces per layer (a lower bound: no kernel-launch, attention or scheduler time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# spawned ranks import measure_worker from this file by module name
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_bdlora.atomic import atomic_write_text  # noqa: E402
+from megatron_bdlora.config import ALL_TARGETS, LoRASettings  # noqa: E402
+from megatron_bdlora.param_count import BUILTIN_CONFIGS, match_bd_rank  # noqa: E402
+from megatron_bdlora.sharding import Collective  # noqa: E402
+from megatron_bdlora.targets import llama_projections, lora_plan  # noqa: E402
+
+KINDS = {Collective.ALL_REDUCE: "all_reduce", Collective.ALL_GATHER: "all_gather"}
+SWEEP_BYTES = [2**k for k in range(6, 21, 2)]  # 64 B .. 1 MiB: the rank-space messages of decode and prefill
+PAPER = {"llama-3.1-8b": {"2r": 1.63, "4r": 1.30}, "llama-3.1-70b": {"2r": 1.79, "4r": 1.23}}  # BD / S-LoRA, 8xA100
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the model needs to know about the hardware, and where each number comes from."""
+
+    name: str
+    source: str
+    mem_bandwidth_gbs: float  # streaming reads (factors, weights)
+    matmul_gflops: float  # skinny (decode-shaped) matmuls
+    branch_overhead_us: float  # fixed cost of one projection's LoRA shrink + expand
+    latency_us: dict  # collective kind -> alpha
+    bandwidth_gbs: dict  # collective kind -> beta (message bytes / (t - alpha))
+
+    def collective_us(self, kind: str, message_bytes: int) -> float:
+        return self.latency_us[kind] + message_bytes / (self.bandwidth_gbs[kind] * 1e3)
+
+
+# Published figures (a stated source each; the latency is the least certain number: see `predict`'s sweep).
+PUBLISHED = {
+    "a100-nvlink": Machine(
+        name="8x A100-SXM4-80GB, NVLink 3 (DGX A100)",
+        source="HBM2e 2039 GB/s and 312 dense bf16 TFLOP/s: NVIDIA A100 datasheet; NCCL all-reduce / all-gather of "
+               "small messages on 8 NVLink GPUs ~15 us (nccl-tests all_reduce_perf small sizes are 10-25 us on "
+               "NVLink systems, e.g. NVIDIA/nccl#583 (8x A100-SXM4), NCCL's own tuning model in NVIDIA/nccl#1453 "
+               "(25 us at 64 B, H100)); bus bandwidth ~230 GB/s (nccl-tests busbw on DGX A100); a LoRA projection = "
+               "2 kernel launches of ~4 us each (CUDA launch latency, no CUDA graphs)",
+        mem_bandwidth_gbs=2039.0,
+        matmul_gflops=312e3,
+        branch_overhead_us=8.0,
+        latency_us={"all_reduce": 15.0, "all_gather": 15.0},
+        bandwidth_gbs={"all_reduce": 230.0, "all_gather": 230.0},
+    ),
+}
+
+
+def model_config(args_model: str, layers: int | None = None) -> dict:
+    config = dict(BUILTIN_CONFIGS[args_model])
+    if layers:
+        config["num_hidden_layers"] = layers
+    return config
+
+
+def collectives_per_step(hf_config: dict, settings: LoRASettings, tp: int, tokens: int, elem_bytes: int) -> list[tuple[str, int]]:
+    """(kind, message bytes) of every collective the adapters add to one forward over `tokens` tokens."""
+    out = []
+    projections = llama_projections(hf_config)
+    for layer_name in dict.fromkeys(p.megatron_layer for p in projections.values()):
+        targets = [t for t in settings.targets if projections[t].megatron_layer == layer_name]
+        plans = [lora_plan(hf_config, t, settings, tp) for t in targets]
+        if not plans or plans[0].collective is Collective.NONE:
+            continue
+        local_rank_space = sum(p.a.local_shape[0] for p in plans)  # one collective for the fused layer
+        size = tokens * local_rank_space * elem_bytes * (tp if plans[0].collective is Collective.ALL_GATHER else 1)
+        out.append((KINDS[plans[0].collective], size))
+    return out * hf_config["num_hidden_layers"]
+
+
+def lora_work(hf_config: dict, settings: LoRASettings, tp: int, tokens: int, adapters: int, elem_bytes: int) -> tuple[int, int, int]:
+    """(bytes, flops, branches) of one rank's LoRA branches in one forward of `tokens` tokens over `adapters` adapters."""
+    per_layer_bytes = per_layer_flops = 0
+    for t in settings.targets:
+        plan = lora_plan(hf_config, t, settings, tp)
+        a, b = plan.a.local_shape, plan.b.local_shape
+        factors = a[0] * a[1] + b[0] * b[1]
+        activations = tokens * (a[1] * plan.a.local_blocks + b[0])  # x read, output read + written (once)
+        per_layer_bytes += elem_bytes * (adapters * factors + 2 * activations)
+        per_layer_flops += 2 * tokens * factors
+    layers = hf_config["num_hidden_layers"]
+    return per_layer_bytes * layers, per_layer_flops * layers, len(settings.targets) * layers
+
+
+def predict_step(hf_config: dict, settings: LoRASettings | None, tp: int, tokens: int, adapters: int,
+                 machine: Machine, base_ms: float, elem_bytes: int) -> dict:
+    """Milliseconds of one decode step in a mode (settings None: no adapter), split into its terms."""
+    if settings is None:
+        return dict(base_ms=base_ms, lora_ms=0.0, collectives_ms=0.0, collectives=0, total_ms=base_ms)
+    nbytes, flops, branches = lora_work(hf_config, settings, tp, tokens, adapters, elem_bytes)
+    per_branch_us = [machine.branch_overhead_us] * branches
+    lora_ms = (sum(per_branch_us) + max(nbytes / (machine.mem_bandwidth_gbs * 1e3),
+                                        flops / (machine.matmul_gflops * 1e3))) / 1e3
+    colls = collectives_per_step(hf_config, settings, tp, tokens, elem_bytes)
+    coll_ms = sum(machine.collective_us(kind, size) for kind, size in colls) / 1e3
+    return dict(base_ms=base_ms, lora_ms=lora_ms, collectives_ms=coll_ms, collectives=len(colls),
+                total_ms=base_ms + lora_ms + coll_ms)
+
+
+def modelled_base_ms(hf_config: dict, tp: int, tokens: int, machine: Machine, elem_bytes: int) -> float:
+    """Lower bound of a base decode step: the rank's layer weights over memory bandwidth + 2 all-reduces per layer."""
+    per_layer = sum(p.d_in * p.d_out for p in llama_projections(hf_config).values())
+    layers = hf_config["num_hidden_layers"]
+    weights_us = per_layer * layers / tp * elem_bytes / (machine.mem_bandwidth_gbs * 1e3)
+    allreduce_us = 2 * layers * machine.collective_us("all_reduce", tokens * hf_config["hidden_size"] * elem_bytes)
+    return (weights_us + allreduce_us) / 1e3
+
+
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares t = alpha + bytes / beta over (bytes, us) points; (alpha us, beta GB/s)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)  # us per byte
+    slope = max(slope, 1e-9)
+    return my - slope * mx, 1.0 / slope / 1e3
+
+
+# ---------------------------------------------------------------------------------------------------- measure
+
+
+def _median_us(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
+def measure_worker(info, threads: int, reps: int) -> dict:
+    """On every rank of the TP group: the collective sweep; rank 0 also the local rates."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    group = dist.group.WORLD
+    sweep = {}
+    for kind in ("all_reduce", "all_gather"):
+        points = []
+        for size in SWEEP_BYTES:
+            x = torch.ones(size // 4)
+            if kind == "all_reduce":
+                fn = lambda: dist.all_reduce(x, group=group)  # noqa: E731
+            else:
+                out = torch.empty(x.numel() * info.tp_size)
+                fn = lambda: dist.all_gather_into_tensor(out, x, group=group)  # noqa: E731
+            dist.barrier()
+            points.append((size * (info.tp_size if kind == "all_gather" else 1), _median_us(fn, reps)))
+        sweep[kind] = points
+    if info.rank != 0:
+        return {}
+    return dict(sweep=sweep, **local_rates(reps))
+
+
+def local_rates(reps: int) -> dict:
+    """Copy bandwidth, skinny-matmul rate and the fixed cost of one LoRA projection branch (torch ops path)."""
+    from megatron_bdlora.ops import FactorView, SlotBatch, lora_expand, lora_shrink
+
+    src = torch.randn(2**24)
+    dst = torch.empty_like(src)
+    copy_us = _median_us(lambda: dst.copy_(src), max(5, reps // 4))
+    x, w = torch.randn(8, 4096), torch.randn(4096, 256)
+    mm_us = _median_us(lambda: torch.matmul(x, w), reps)
+    views = [FactorView(8, 64)] * 4
+    a, b = torch.randn(4, 8, 64), torch.randn(4, 64, 8)
+    batch = SlotBatch.from_slot_ids(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 4)
+    xs, out = torch.randn(8, 64), torch.zeros(8, 64)
+    scal = torch.ones(4)
+    branch_us = _median_us(lambda: lora_expand(lora_shrink(xs, a, views, batch), b, views, scal, batch, out), reps)
+    return dict(mem_bandwidth_gbs=2 * src.numel() * 4 / (copy_us * 1e3), matmul_gflops=2 * 8 * 4096 * 256 / (mm_us * 1e3),
+                branch_overhead_us=branch_us)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import cost_model  # the worker by module name, so spawned ranks can unpickle it
+
+    from megatron_bdlora.local_ranks import run_distributed
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    raw = run_distributed(cost_model.measure_worker, args.tp, args.threads, args.reps)[0]
+    fits = {kind: fit_line(points) for kind, points in raw["sweep"].items()}
+    machine = Machine(
+        name=f"this machine, TP={args.tp} gloo ranks, {args.threads} thread(s) each",
+        source="measured by tools/cost_model.py measure",
+        mem_bandwidth_gbs=raw["mem_bandwidth_gbs"], matmul_gflops=raw["matmul_gflops"],
+        branch_overhead_us=raw["branch_overhead_us"],
+        latency_us={k: f[0] for k, f in fits.items()}, bandwidth_gbs={k: f[1] for k, f in fits.items()},
+    )
+    print(f"collective sweep at TP={args.tp} (message bytes: median us)")
+    for kind, points in raw["sweep"].items():
+        print(f"  {kind:11} " + "  ".join(f"{b}:{t:.0f}" for b, t in points)
+              + f"   fit: {fits[kind][0]:.0f} us + bytes / {fits[kind][1]:.2f} GB/s")
+    print(f"copy {machine.mem_bandwidth_gbs:.1f} GB/s, skinny matmul {machine.matmul_gflops:.1f} GFLOP/s, "
+          f"LoRA branch fixed cost {machine.branch_overhead_us:.0f} us")
+    return dict(machine=asdict(machine), sweep=raw["sweep"], tp=args.tp)
+
+
+# ---------------------------------------------------------------------------------------------------- validate
+
+
+def _bench_settings(bench: dict) -> dict[str, LoRASettings]:
+    out = {}
+    for variant, s in bench["config"]["adapter_settings"].items():
+        out[variant] = LoRASettings(rank=s["rank"], alpha=s["alpha"], mode=s.get("mode", "block_diagonal"),
+                                    nblocks=s["nblocks"])
+    return out
+
+
+def validate(bench: dict, machine: Machine) -> list[dict]:
+    """Predicted vs measured decode-step ratio of every BD system against S-LoRA in a bench_serving run."""
+    cfg = bench["config"]
+    hf_config, tp = cfg["base_hf_config"], cfg["tp"]
+    systems, served = bench["systems"], cfg.get("systems_served", {})
+    variants = _bench_settings(bench)
+    tokens = min(cfg["max_num_seqs"], cfg["num_requests"])
+    adapters = min(cfg["num_adapters"], tokens)
+    base_ms = systems["none"]["metrics"]["decode_step_ms_p50"]
+    elem_bytes = 4  # the CPU benchmark serves float32
+
+    def settings_of(name: str) -> LoRASettings:
+        s = variants[served[name]["variant"]] if served else variants["bd"]
+        mode = served[name]["mode"] if served else name
+        return LoRASettings(rank=s.rank, alpha=s.alpha, mode=mode, nblocks=s.nblocks if mode == "block_diagonal" else None)
+
+    slora = predict_step(hf_config, settings_of("slora"), tp, tokens, adapters, machine, base_ms, elem_bytes)
+    rows = []
+    for name in systems:
+        if not name.startswith(("bd", "block_diagonal")):
+            continue
+        bd = predict_step(hf_config, settings_of(name), tp, tokens, adapters, machine, base_ms, elem_bytes)
+        measured = systems["slora"]["metrics"]["decode_step_ms_p50"] / systems[name]["metrics"]["decode_step_ms_p50"]
+        predicted = slora["total_ms"] / bd["total_ms"]
+        rows.append(dict(bd=name, label=systems[name]["label"], tp=tp, tokens=tokens, adapters=adapters,
+                         predicted_ratio=predicted, measured_ratio=measured, error=predicted / measured - 1,
+                         within_15pct=abs(predicted / measured - 1) <= 0.15, bd_terms=bd, slora_terms=slora,
+                         measured_bd_ms=systems[name]["metrics"]["decode_step_ms_p50"],
+                         measured_slora_ms=systems["slora"]["metrics"]["decode_step_ms_p50"], measured_base_ms=base_ms))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+
+
+def predict(model: str, tp: int, machine: Machine, tokens_list: list[int], lora_rank: int, elem_bytes: int = 2) -> list[dict]:
+    """BD (2r, 4r, matched) / S-LoRA (r) decode-step ratios at TP for each decode batch, beside the paper's."""
+    hf_config = model_config(model)
+    lora = LoRASettings(rank=lora_rank, alpha=2.0 * lora_rank, mode="slora")
+    bd_ranks = {"2r": 2 * lora_rank, "4r": 4 * lora_rank, "matched": match_bd_rank(hf_config, ALL_TARGETS, tp, lora_rank)}
+    rows = []
+    for tokens in tokens_list:
+        adapters = tokens  # the paper's setting: every request its own adapter
+        base = modelled_base_ms(hf_config, tp, tokens, machine, elem_bytes)
+        s = predict_step(hf_config, lora, tp, tokens, adapters, machine, base, elem_bytes)
+        for label, rank in bd_ranks.items():
+            bd = predict_step(hf_config, LoRASettings(rank=rank, alpha=2.0 * rank, nblocks=tp), tp, tokens, adapters,
+                              machine, base, elem_bytes)
+            rows.append(dict(model=model, tp=tp, tokens=tokens, bd=label, bd_rank=rank, lora_rank=lora_rank,
+                             predicted_ratio=s["total_ms"] / bd["total_ms"], paper_ratio=PAPER.get(model, {}).get(label),
+                             bd_terms=bd, slora_terms=s))
+    return rows
+
+
+def _load_machine(value: str) -> Machine:
+    if value in PUBLISHED:
+        return PUBLISHED[value]
+    path = Path(value)
+    if not path.is_file():
+        raise SystemExit(f"--machine {value!r}: neither a built-in machine {sorted(PUBLISHED)} nor a JSON file")
+    return Machine(**json.loads(path.read_text())["machine"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="calibrate collectives, bandwidth, matmul rate and LoRA branch cost here")
+    m.add_argument("--tp", type=int, default=2, help="gloo ranks of the TP group to sweep (default 2)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads per rank, as bench_serving uses (default 1)")
+    m.add_argument("--reps", type=int, default=40, help="timed runs per point (median; default 40)")
+    v = sub.add_parser("validate", help="predicted vs measured BD / S-LoRA decode-step ratio of a bench_serving JSON")
+    v.add_argument("--bench", type=Path, required=True, action="append", help="bench_serving.py JSON (repeatable)")
+    v.add_argument("--machine", required=True, action="append", help="measure's JSON for each --bench, in order")
+    r = sub.add_parser("predict", help="BD / S-LoRA at the paper's setting on hardware given by published figures")
+    r.add_argument("--model", choices=sorted(PAPER), default="llama-3.1-8b", help="model shape (default llama-3.1-8b)")
+    r.add_argument("--tp", type=int, default=8, help="TP degree (default 8)")
+    r.add_argument("--machine", default="a100-nvlink", help=f"built-in {sorted(PUBLISHED)} or measure's JSON")
+    r.add_argument("--lora-rank", type=int, default=16, help="S-LoRA's rank r; BD at 2r, 4r, matched (default 16)")
+    r.add_argument("--tokens", default="1,8,32,128", help="decode batch sizes (comma-separated; default 1,8,32,128)")
+    for q in (m, v, r):
+        q.add_argument("--json", type=Path, help="write the result here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.command == "measure":
+        result = measure(args)
+    elif args.command == "validate":
+        if len(args.bench) != len(args.machine):
+            raise SystemExit(f"give one --machine per --bench ({len(args.bench)} benches, {len(args.machine)} machines)")
+        rows = []
+        for bench_path, machine in zip(args.bench, args.machine):
+            rows += validate(json.loads(bench_path.read_text()), _load_machine(machine))
+        print(f"{'TP':>2} {'BD system':18} {'measured':>8} {'predicted':>9} {'error':>6}  (BD / S-LoRA decode step)")
+        for row in rows:
+            print(f"{row['tp']:>2} {row['label']:18} {row['measured_ratio']:8.3f} {row['predicted_ratio']:9.3f} "
+                  f"{100 * row['error']:5.1f}%")
+        result = dict(rows=rows)
+    else:
+        machine = _load_machine(args.machine)
+        tokens = [int(t) for t in args.tokens.split(",")]
+        rows = predict(args.model, args.tp, machine, tokens, args.lora_rank)
+        sensitivity = {}
+        for latency in (8.0, 15.0, 30.0):  # the least certain input: small-message collective latency
+            m = Machine(**{**asdict(machine), "latency_us": {k: latency for k in machine.latency_us}})
+            sensitivity[latency] = predict(args.model, args.tp, m, tokens, args.lora_rank)
+        print(f"{args.model} TP={args.tp} on {machine.name}: BD / S-LoRA (r={args.lora_rank}) decode step, predicted")
+        print(f"{'tokens':>6} {'BD':8} {'rank':>4} {'predicted':>9} {'at 8/15/30 us':>16} {'paper':>6}")
+        for i, row in enumerate(rows):
+            sens = "/".join(f"{sensitivity[lat][i]['predicted_ratio']:.2f}" for lat in sensitivity)
+            paper = f"{row['paper_ratio']:.2f}" if row["paper_ratio"] else "-"
+            print(f"{row['tokens']:>6} {row['bd']:8} {row['bd_rank']:>4} {row['predicted_ratio']:9.2f} {sens:>16} {paper:>6}")
+        result = dict(machine=asdict(machine), rows=rows,
+                      latency_sensitivity={str(k): [r["predicted_ratio"] for r in v] for k, v in sensitivity.items()})
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
