@@ -767,6 +767,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r = p.add_argument_group("measurement")
     r.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: usable CPUs / TP, at least 1)")
     r.add_argument("--warmup", type=int, default=2, help="requests of the workload (plus the first request of every adapter not among them; at most 6 new tokens each) run untimed through each system first; their decode-only step gives the collective counts (default 2)")
+    r.add_argument("--timeout-s", type=float, default=4 * 3600.0, help="give up on the ranks after this long (default 4 h)")
     r.add_argument("--repeats", type=int, default=1, help="timed replays per system, interleaved across systems; the table shows medians (default 1)")
     args = p.parse_args(argv)
     if args.model_shape:
@@ -852,7 +853,7 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 destroy_parallel()
         else:
-            raw = run_distributed(bench_serving.serve_worker, args.tp, spec, workload, adapter_dirs)[0]
+            raw = run_distributed(bench_serving.serve_worker, args.tp, spec, workload, adapter_dirs, timeout=args.timeout_s)[0]
 
     rows = {s: summarise_system(s, specs[s]["label"], raw[s]) for s in specs}
     check = agreement(rows, specs)
