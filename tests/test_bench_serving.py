@@ -26,7 +26,7 @@ TINY = ("--model", "random", "--layers", str(LAYERS), "--hidden", "64", "--inter
 OURS = ("block_diagonal", "slora", "replicated", "none")
 PAPER = ("bd_2r", "bd_4r", "bd_matched", "slora", "replicated", "none")
 METRICS = {"output_tokens", "wall_s", "tokens_per_s", "ttft_ms_mean", "ttft_ms_p50", "tpot_ms_mean",
-           "latency_s_p50", "latency_s_p99", "engine_steps", "decode_steps", "decode_step_ms_p50"}
+           "latency_s_p50", "latency_s_p99", "engine_steps", "decode_steps", "decode_step_ms_p50", "decode_step_ms_p10"}
 FLAGS = ("--tp", "--modes", "--peft", "--json", "--plot", "--num-requests", "--num-adapters", "--adapter-rank",
          "--popularity-alpha", "--arrival", "--rate", "--prompt-len", "--output-len", "--seed", "--model", "--layers",
          "--hidden", "--intermediate", "--heads", "--kv-heads", "--max-num-seqs", "--max-num-batched-tokens",
