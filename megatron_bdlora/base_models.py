@@ -47,15 +47,19 @@ def resolve_hf_base(base: str, random_config: dict | None = None, seed: int = 0)
     return out
 
 
+def random_llama_config(base_config: dict, random_config: dict) -> dict:
+    """LlamaConfig fields of a random model: the base's vocabulary, special tokens and context, then random_config."""
+    keep = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+    return {k: base_config[k] for k in keep if k in base_config} | dict(random_config)
+
+
 def _write_random_llama(tokenizer_dir: Path, random_config: dict, seed: int, out: Path) -> None:
     """A seeded random LlamaForCausalLM with the base's tokenizer (and vocabulary size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_bdlora.atomic import atomic_directory
 
-    base_cfg = json.loads((tokenizer_dir / "config.json").read_text())
-    keep = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
-    cfg = {k: base_cfg[k] for k in keep if k in base_cfg} | dict(random_config)
+    cfg = random_llama_config(json.loads((tokenizer_dir / "config.json").read_text()), random_config)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).float()
     with atomic_directory(out, overwrite=True) as tmp:

@@ -16,6 +16,8 @@ TP must divide the KV heads: otherwise heads would be replicated and block struc
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -27,6 +29,7 @@ from megatron_bdlora.config import LoRASettings
 from megatron_bdlora.layers import LoRAColumnParallelLinear, LoRALayerSpec, LoRARowParallelLinear, _LoRAParallelMixin
 from megatron_bdlora.checkpoint.hf import check_llama_config as check_checkpoint_config
 from megatron_bdlora.checkpoint.hf import padded_vocab_size
+from megatron_bdlora.rope import Llama3RopeScaling, llama3_rope_scaling, rope_theta
 from megatron_bdlora.targets import llama_projections
 
 # megatron layer -> HF projections it fuses, in fused order
@@ -42,27 +45,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def check_llama_config(hf_config: dict, tp: int) -> None:
     """Reject what the builder cannot represent exactly (the converter's checks, plus RoPE scaling)."""
     check_checkpoint_config(hf_config, tp)
-    _rope_scaling(hf_config)
+    llama3_rope_scaling(hf_config)
 
 
-def _rope_scaling(hf_config: dict) -> tuple[bool, float]:
-    """(enabled, factor) for megatron's Llama-3.1 RoPE scaling; other schemes are rejected."""
-    rs = hf_config.get("rope_scaling") or (hf_config.get("rope_parameters") or {})
-    kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
-    if kind == "default":
-        return False, 1.0
-    if kind == "llama3" and (
-        rs.get("low_freq_factor", 1.0),
-        rs.get("high_freq_factor", 4.0),
-        rs.get("original_max_position_embeddings", 8192),
-    ) == (1.0, 4.0, 8192):
-        return True, float(rs["factor"])
-    raise ValueError(f"rope_scaling {rs} is not supported (default or Llama-3.1 'llama3' scaling only)")
+def _apply_llama3_rope_scaling(model: GPTModel, scaling: Llama3RopeScaling) -> None:
+    """Scale the model's RoPE frequencies with megatron's own llama3 formula, every field from the config.
 
-
-def _rope_theta(hf_config: dict) -> float:
-    params = hf_config.get("rope_parameters") or {}
-    return float(hf_config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    megatron's formula is transformers' `_compute_llama3_parameters` line for line, but its constructor
+    (`rope_scaling=True`) passes only `factor` and keeps low_freq_factor=1, high_freq_factor=4 and
+    original_max_position_embeddings=8192 fixed; calling `_apply_scaling` with all four matches transformers
+    for any llama3 config (Llama-3.1's own values give the constructor's result).
+    """
+    rope = model.rotary_pos_emb
+    rope.inv_freq = rope._apply_scaling(rope.inv_freq, **dataclasses.asdict(scaling))  # [head_dim / 2]
 
 
 def transformer_config(hf_config: dict, tp: int, dtype: str = "float32") -> TransformerConfig:
@@ -139,7 +134,6 @@ def build_model(
     slots > 1 gives every LoRA layer that many adapter slots (serving: one per device-resident adapter).
     """
     config = transformer_config(hf_config, tp, dtype)
-    scaling, factor = _rope_scaling(hf_config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(hf_config, lora, slots),
@@ -148,10 +142,11 @@ def build_model(
         parallel_output=True,
         share_embeddings_and_output_weights=bool(hf_config.get("tie_word_embeddings", False)),
         position_embedding_type="rope",
-        rotary_base=_rope_theta(hf_config),
-        rope_scaling=scaling,
-        rope_scaling_factor=factor,
+        rotary_base=rope_theta(hf_config),
     )
+    scaling = llama3_rope_scaling(hf_config)
+    if scaling is not None:
+        _apply_llama3_rope_scaling(model, scaling)
     model.hf_config = hf_config
     if lora is not None:  # fine-tuning trains the adapter only: embeddings, norms and base weights stay frozen
         for name, param in model.named_parameters():

@@ -15,16 +15,30 @@ from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.sharding import Mode, parse_mode
 from megatron_bdlora.targets import cfg_field, llama_projections, lora_plan
 
-# HF config.json fields of the shapes we compare on (only what the projection table reads, plus depth).
-BUILTIN_CONFIGS: dict[str, dict[str, int]] = {
+# HF config.json fields of the shapes we compare on: what the projection table reads, plus depth; plus what the
+# trainer's dry run needs for weight memory and RoPE when the model directory is not at hand (the models' own
+# config.json values).
+_LLAMA_3_1 = dict(
+    vocab_size=128256,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+)
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,
+        **_LLAMA_3_1,
     ),
     "llama-3.1-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, num_hidden_layers=80
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, num_hidden_layers=80,
+        **_LLAMA_3_1,
     ),
     "smollm2-135m": dict(
-        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
+        vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
     ),
 }
 

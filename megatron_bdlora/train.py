@@ -1,7 +1,8 @@
 """Fine-tune a LoRA / BD-LoRA adapter: `torchrun --nproc_per_node N -m megatron_bdlora.train --config C.yaml [k.sub=v ...]`.
 
 TP x DP over the launched ranks (gloo on CPU, nccl on GPU); configuration errors exit non-zero before any
-process group is created.
+process group is created. `python -m megatron_bdlora.train --config C.yaml --dry-run [--json]` checks a job
+on any machine (no process group, no weights read) and prints its plan, sizes and collectives.
 """
 
 from __future__ import annotations
@@ -17,12 +18,44 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in checkpoint.dir")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="check the config and print what the job would do (model shape, sharding plan, adapter parameters, "
+        "per-rank memory, collectives per step, batch layout), reading only the base's config.json; no process "
+        "group, no weights, no training",
+    )
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
+    p.add_argument(
+        "--world-size", type=int, metavar="N",
+        help="with --dry-run: the number of ranks the job will get (default: $WORLD_SIZE, else parallel.tp x parallel.dp)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. lora.rank=16 parallel.tp=2")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.json or args.world_size is not None) and not args.dry_run:
+        p.error("--json and --world-size only apply with --dry-run")
+    return args
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Print the job's plan (text or JSON); configuration errors exit 2 like a real run's."""
+    import json
+
+    from megatron_bdlora.training.dry_run import default_world_size, dry_run, format_report
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        report = dry_run(cfg, args.world_size or default_world_size(cfg))
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else f"dry run of {args.config}\n{format_report(report)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.dry_run:
+        return _dry_run(args)
     from megatron_bdlora.parallel import silence_expected_warnings
 
     silence_expected_warnings()

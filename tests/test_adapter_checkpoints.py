@@ -15,8 +15,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from megatron_bdlora.checkpoint.adapters import (
@@ -32,9 +34,6 @@ from megatron_bdlora.checkpoint.peft import export_peft, import_peft, import_pef
 from megatron_bdlora.checkpoint.reshard import reshard, reshard_directory
 from megatron_bdlora.config import ALL_TARGETS, COLUMN_TARGETS, LoRASettings, ROW_TARGETS
 from megatron_bdlora.targets import lora_plan
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 NBLOCKS = 4
@@ -436,6 +435,37 @@ def test_peft_import_cli_succeeds_and_refuses_to_overwrite(assets, tmp_path):
     assert (tmp_path / "out" / "adapter_manifest.json").read_text() == before
 
 
+def _tool_module(tool: str):
+    """A CLI from tools/ imported by path, so its main() runs in-process."""
+    spec = importlib.util.spec_from_file_location(tool[:-3], REPO / "tools" / tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peft_import_cli_defaults_the_base_config_to_the_adapters_local_base_model(assets, tmp_path, monkeypatch):
+    """No --base-config: base_model_name_or_path (relative to the working directory, as transformers reads it) is used."""
+    adapter = _edit_config(_copy(assets["bd"], tmp_path / "p"), base_model_name_or_path=assets["base_dir"].name)
+    monkeypatch.chdir(assets["base_dir"].parent)
+    args = ["--peft-dir", str(adapter), "--out-dir", str(tmp_path / "out"), "--tp", "2", "--mode", "block_diagonal"]
+    assert _tool_module("peft_import.py").main(args) == 0
+    explicit = import_peft_directory(adapter, tmp_path / "explicit", assets["base_dir"] / "config.json", 2, "block_diagonal")
+    assert read_manifest(tmp_path / "out") == read_manifest(explicit)
+    for got, want in zip(_rank_files(tmp_path / "out", 2), _rank_files(explicit, 2)):
+        _assert_same_tensors(got, want)
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B-Instruct", None])
+def test_peft_import_cli_without_base_config_names_the_unusable_base_model(assets, tmp_path, name):
+    adapter = _edit_config(_copy(assets["bd"], tmp_path / "p"), base_model_name_or_path=name)
+    args = ["--peft-dir", str(adapter), "--out-dir", str(tmp_path / "out"), "--tp", "2", "--mode", "block_diagonal"]
+    with pytest.raises(SystemExit) as exit_info:
+        _tool_module("peft_import.py").main(args)
+    err = str(exit_info.value.code)
+    assert err.startswith("error: ") and f"base_model_name_or_path={name!r}" in err and "--base-config" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_reshard_and_export_clis_reject_bad_native_checkpoints(assets, tmp_path):
     native = import_peft_directory(assets["bd"], tmp_path / "n", assets["base_dir"], 2, "block_diagonal")
     proc = _run_tool("reshard_adapter.py", "--adapter-dir", native, "--out-dir", tmp_path / "o1", "--tp", "8")
@@ -461,9 +491,6 @@ def test_reshard_and_export_clis_reject_bad_native_checkpoints(assets, tmp_path)
 
 @pytest.mark.parametrize("tool", ["peft_import.py", "peft_export.py", "reshard_adapter.py"])
 def test_clis_document_every_flag(tool):
-    spec = importlib.util.spec_from_file_location(tool[:-3], REPO / "tools" / tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    actions = module.build_parser()._actions
+    actions = _tool_module(tool).build_parser()._actions
     assert {"--out-dir", "--overwrite"} <= {o for a in actions for o in a.option_strings}
     assert all(a.help for a in actions), [a.option_strings for a in actions if not a.help]

@@ -21,6 +21,7 @@ from megatron_bdlora.checkpoint.hf import (
     load_megatron_rank_state,
     read_megatron_meta,
 )
+from peft_reference import ATTENTION_GAIN, LLAMA3_ROPE_LLAMA, LLAMA3_ROPE_SEQ, make_random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 # hidden 64, 8 heads of 8, 4 KV heads, ffn 96, 2 layers, vocab 250 (padded to 252 at TP 4)
@@ -119,6 +120,33 @@ def test_converted_checkpoint_loads_in_transformers(tiny_hf, tmp_path):
         want = LlamaForCausalLM.from_pretrained(tiny_hf).eval()(ids).logits
         got = LlamaForCausalLM.from_pretrained(back).eval()(ids).logits
     assert torch.equal(got, want)
+
+
+def _rope_fields(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k.startswith("rope")}
+
+
+def test_round_trip_keeps_llama3_rope_scaling(tmp_path):
+    """HF -> megatron (TP 2) -> HF of a Llama-3.1-scaled config: the rope block reaches the megatron checkpoint
+    (the model builder reads it there) and comes back; transformers computes identical logits from the result,
+    where the same weights without the block would differ."""
+    from transformers import LlamaForCausalLM
+
+    hf_model, ids, _ = make_random_llama(tmp_path, (2,), LLAMA3_ROPE_LLAMA, LLAMA3_ROPE_SEQ, ATTENTION_GAIN)
+    back = convert_megatron_to_hf(tmp_path / "meg_tp2", tmp_path / "back", progress=False)
+    original = _rope_fields(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    assert any(block.get("rope_type") == "llama3" for block in original.values() if isinstance(block, dict)), original
+    for converted in (tmp_path / "meg_tp2", back):
+        assert _rope_fields(json.loads((converted / "config.json").read_text())) == original, converted
+    reloaded = LlamaForCausalLM.from_pretrained(back).eval()
+    assert reloaded.config.rope_parameters == hf_model.config.rope_parameters
+    with torch.no_grad():
+        want, got = hf_model(ids).logits, reloaded(ids).logits
+    assert torch.equal(got, want)
+    _edit_config(back, rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": LLAMA3_ROPE_LLAMA["rope_theta"]})
+    with torch.no_grad():
+        unscaled = LlamaForCausalLM.from_pretrained(back).eval()(ids).logits
+    assert (unscaled - want).abs().max() > 0.1, "dropping the rope block must change the logits for the check to bite"
 
 
 def test_large_output_is_sharded_with_an_index_and_converts_back(tiny_hf, tmp_path):

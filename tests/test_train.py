@@ -117,6 +117,30 @@ def test_bad_configuration_fails_before_any_process_group(overrides, message, te
     assert "Traceback" not in proc.stderr and "init_process_group" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "config", sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("serve-")), ids=lambda p: p.stem
+)
+def test_missing_data_file_of_a_shipped_config_says_how_to_make_it(config, demo_data, tmp_path, monkeypatch, capsys):
+    """Started where its data does not exist, every shipped config fails naming file, key and the command that
+    writes it; for the demo corpora that command's real output (prepare_data's manifest) holds exactly that file."""
+    from megatron_bdlora.train import main
+    from megatron_bdlora.training.config import load_config
+
+    cfg = load_config(config)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", str(cfg.parallel.tp))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"data file {cfg.data.train} does not exist (data.train)" in err and "Traceback" not in err, err
+    train = Path(cfg.data.train)
+    if train.is_absolute():  # the user's own data: the message says what to put there
+        assert "python tools/prepare_data.py --out-dir data" in err and '{"messages": [...]}' in err
+    else:
+        assert f"`python tools/prepare_data.py --out-dir {train.parts[0]}`" in err
+        manifest = json.loads((demo_data / "manifest.json").read_text())
+        assert train.relative_to(train.parts[0]).as_posix() in manifest["files"]
+
+
 def test_empty_data_set_is_rejected_by_name(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")

@@ -1,7 +1,10 @@
 """Import a PEFT LoRA or BD-LoRA adapter as a native megatron-bdlora checkpoint sharded for a TP degree.
 
-    python tools/peft_import.py --peft-dir adapter_peft --base-config base/config.json \\
-        --out-dir runs/adapter --tp 4 --mode block_diagonal
+    python tools/peft_import.py --peft-dir adapter_peft --out-dir runs/adapter --tp 4 --mode block_diagonal \\
+        [--base-config base/config.json]
+
+The base model's shapes come from --base-config, or by default from the adapter's own base_model_name_or_path
+(adapter_config.json) when that is a local model directory.
 
 Every conversion is exact or refused: BD-LoRA imports into any mode (into block_diagonal when TP divides its
 nblocks); plain LoRA into slora / replicated, and into block_diagonal only if its factors are block-diagonal.
@@ -26,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
     )
     p.add_argument(
-        "--base-config", type=Path, required=True, metavar="PATH",
-        help="the base model's HF config.json, or a model directory containing one (shapes and layer count)",
+        "--base-config", type=Path, metavar="PATH",
+        help="the base model's HF config.json, or a model directory containing one (shapes and layer count); "
+        "default: the adapter's base_model_name_or_path from adapter_config.json, if it is a local model directory",
     )
     p.add_argument(
         "--out-dir", type=Path, required=True, metavar="DIR",

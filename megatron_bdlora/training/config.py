@@ -122,6 +122,41 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch is split: DP ranks x accumulation steps x micro-batches."""
+
+    world_size: int
+    tp: int
+    dp: int
+    micro_batch_size: int
+    grad_accum: int  # micro-batches per DP rank per step
+    global_batch_size: int  # sequences per step
+    seq_length: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Input tokens of one step, all DP ranks (loss tokens can be fewer with chat data)."""
+        return self.global_batch_size * self.seq_length
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
+    """The step layout at this world size; ConfigError names the sizes that do not divide."""
+    p = cfg.parallel
+    if world_size < 1 or world_size % p.tp:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp={p.tp}")
+    dp = world_size // p.tp
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError(f"parallel.dp={p.dp} but world size {world_size} / tp {p.tp} gives {dp}")
+    if p.global_batch_size % (p.micro_batch_size * dp):
+        raise ConfigError(
+            f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
+            f"micro_batch_size={p.micro_batch_size} x dp={dp}"
+        )
+    grad_accum = p.global_batch_size // (p.micro_batch_size * dp)
+    return BatchLayout(world_size, p.tp, dp, p.micro_batch_size, grad_accum, p.global_batch_size, cfg.data.seq_length)
+
+
 def _build(cls: type, raw: Any, path: str) -> Any:
     """Instantiate a config dataclass from a mapping, rejecting unknown keys and wrong types by path."""
     if not isinstance(raw, dict):

@@ -35,6 +35,24 @@ FORMATS = ("text", "chat")
 DOCUMENT_SEPARATOR = "\f"  # a form feed (written on its own line) ends one document of a `text` file
 COLUMNS = ("input_ids", "labels", "loss_mask")
 _TOKENIZE_BATCH = 256  # documents or chat segments per tokenizer call
+# The demo data sets tools/prepare_data.py writes under its --out-dir: folder -> format (train/valid files each).
+DEMO_DATASETS = {"shakespeare_comedies": "text", "milton": "text", "which_play": "chat"}
+_SUFFIX = {"text": ".txt", "chat": ".jsonl"}
+
+
+def require_data_file(path: str | os.PathLike, key: str) -> None:
+    """A missing data file is an error naming the config key and saying how to make the file."""
+    path = Path(path)
+    if path.is_file():
+        return
+    dataset = path.parent.name
+    if dataset in DEMO_DATASETS and path.name in {f"{split}{_SUFFIX[DEMO_DATASETS[dataset]]}" for split in ("train", "valid")}:
+        how = f"make it with `python tools/prepare_data.py --out-dir {path.parent.parent}` (the demo corpora)"
+    else:
+        how = ("point it at your own file: plain text for data.format=text, or JSONL chat records "
+               "{\"messages\": [...]} for data.format=chat (`python tools/prepare_data.py --out-dir data` "
+               f"makes the demo corpora {', '.join(f'data/{d}' for d in DEMO_DATASETS)})")
+    raise FileNotFoundError(f"data file {path} does not exist ({key}); {how}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_bdlora.training.config import ConfigError, TrainConfig
+from megatron_bdlora.training.config import ConfigError, TrainConfig, batch_layout
 
 
 @dataclass
@@ -33,31 +33,24 @@ class PreparedRun:
     valid_data: Any | None
     tp: int
     dp: int
+    grad_accum: int  # micro-batches per DP rank per step
 
 
 def prepare_run(cfg: TrainConfig, world_size: int) -> PreparedRun:
     """Resolve the base model, validate shapes/plans and load the data; raises ConfigError/FileNotFoundError."""
-    from transformers import AutoTokenizer
+    from megatron_bdlora.training.data import load_examples, require_data_file
+
+    layout = batch_layout(cfg, world_size)
+    tp, dp = layout.tp, layout.dp
+    for key, path in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        if path is not None:
+            require_data_file(path, key)
+    from transformers import AutoTokenizer  # heavy imports after the cheap checks: config errors come fast
 
     from megatron_bdlora.base_models import ensure_megatron_base, resolve_hf_base
     from megatron_bdlora.model import check_llama_config
     from megatron_bdlora.targets import lora_plan
-    from megatron_bdlora.training.data import load_examples
 
-    tp = cfg.parallel.tp
-    if world_size % tp:
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp={tp}")
-    dp = world_size // tp
-    if cfg.parallel.dp is not None and cfg.parallel.dp != dp:
-        raise ConfigError(f"parallel.dp={cfg.parallel.dp} but world size {world_size} / tp {tp} gives {dp}")
-    if cfg.parallel.global_batch_size % (cfg.parallel.micro_batch_size * dp):
-        raise ConfigError(
-            f"parallel.global_batch_size={cfg.parallel.global_batch_size} is not divisible by "
-            f"micro_batch_size={cfg.parallel.micro_batch_size} x dp={dp}"
-        )
-    for path in (cfg.data.train, cfg.data.valid):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
     hf_dir = resolve_hf_base(cfg.model.base, cfg.model.random_config, cfg.seed)
     hf_config = json.loads((hf_dir / "config.json").read_text())
     settings = cfg.lora.settings(cfg.seed)
@@ -71,7 +64,7 @@ def prepare_run(cfg: TrainConfig, world_size: int) -> PreparedRun:
     train = load_examples(cfg.data.train, cfg.data.format, tokenizer, cfg.data.seq_length)
     valid = load_examples(cfg.data.valid, cfg.data.format, tokenizer, cfg.data.seq_length) if cfg.data.valid else None
     megatron_dir = ensure_megatron_base(hf_dir, tp)
-    return PreparedRun(cfg, hf_dir, megatron_dir, hf_config, tokenizer, train, valid, tp, dp)
+    return PreparedRun(cfg, hf_dir, megatron_dir, hf_config, tokenizer, train, valid, tp, dp, layout.grad_accum)
 
 
 def _causal(ids: torch.Tensor) -> torch.Tensor:
@@ -107,7 +100,7 @@ class Trainer:
         load_base_state_dict(self.model, load_megatron_rank_state(run.megatron_dir, self.info.tp_rank, run.tp))
         self.dp_group = parallel_state.get_data_parallel_group()
         micro, dp = cfg.parallel.micro_batch_size, run.dp
-        self.grad_accum = cfg.parallel.global_batch_size // (micro * dp)
+        self.grad_accum = run.grad_accum
         self.sampler = GlobalBatchSampler(
             len(run.train_data), cfg.parallel.global_batch_size, micro, self.info.dp_rank, dp, cfg.seed
         )
