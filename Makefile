@@ -22,18 +22,12 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The main job on the embedded default: demo data, BD-LoRA fine-tuning of SmolLM2-135M-Instruct at TP=3
-# (3 gloo ranks), greedy generation with the trained adapter at TP=3, and the TP=2 layer benchmark table.
-DEMO_RUN := runs/smollm2-135m-bdlora-tp3
-DEMO_MEG := runs/demo/smollm2-megatron-tp3
+# The main job on the embedded default (tools/demo.py --help): demo data, two BD-LoRA adapters of SmolLM2-135M-Instruct
+# fine-tuned at TP=3 (Milton, Shakespeare's comedies), base + both served in one mixed batch at TP=3, the held-out
+# perplexity table (each adapter best on its own corpus, else exit 1), and the serving speed table. Reruns skip
+# finished steps; `$(PY) tools/demo.py --fresh` redoes them.
 demo: $(STAMP)
-	test -f data/manifest.json || $(PY) tools/prepare_data.py --out-dir data
-	PYTHON=$(PY) launch/train.sh configs/smollm2-135m-bdlora-tp3.yaml 3 logging.dir=$(DEMO_RUN)
-	test -f $(DEMO_MEG)/meta.json || $(PY) tools/convert_hf_to_megatron.py --hf-dir cache/smollm2-135m-instruct --out-dir $(DEMO_MEG) --tp 3 --no-progress
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node 3 -m megatron_bdlora.generate \
-		--megatron-dir $(DEMO_MEG) --adapter $(DEMO_RUN)/adapter --max-new-tokens 40 --greedy --json \
-		--prompt "Of Man's first disobedience, and the fruit" --prompt "Him the Almighty Power"
-	$(PY) tools/bench_layers.py --tp 2 --json runs/bench_layers.json
+	$(PY) tools/demo.py
 
 clean:
 	rm -rf $(VENV) runs cache
