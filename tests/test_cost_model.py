@@ -1,5 +1,6 @@
 """tools/cost_model.py: the collectives and LoRA bytes it charges each mode, worked out by hand from the shapes; its
-line fit; its calibration run on two gloo ranks; the direction of its predictions."""
+line fit; the direction of its predictions. (Its `measure` run spawns ranks for ~15 s: exercised by hand, with its
+output in docs/machine_tp*_noisy.json, not in the suite.)"""
 
 from __future__ import annotations
 
@@ -61,12 +62,3 @@ def test_predictions_grow_with_collective_latency_and_bd_issues_none(cm):
     slow = cm.Machine(**{**cm.asdict(machine), "latency_us": {k: 3 * v for k, v in machine.latency_us.items()}})
     slower = cm.predict("llama-3.1-8b", 8, slow, [8], 16)
     assert all(b["predicted_ratio"] > a["predicted_ratio"] > 1 for a, b in zip(rows, slower))
-
-
-def test_measure_on_two_gloo_ranks_gives_positive_rates(cm, tmp_path):
-    result = cm.main(["measure", "--tp", "2", "--reps", "3", "--json", str(tmp_path / "m.json")])
-    m = result["machine"]
-    assert m["mem_bandwidth_gbs"] > 0 and m["matmul_gflops"] > 0 and m["branch_overhead_us"] > 0
-    assert set(m["latency_us"]) == {"all_reduce", "all_gather"} and all(v > 0 for v in m["bandwidth_gbs"].values())
-    assert [b for b, _ in result["sweep"]["all_gather"]] == [2 * b for b in cm.SWEEP_BYTES]  # gathered bytes
-    assert (tmp_path / "m.json").is_file()

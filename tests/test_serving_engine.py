@@ -112,14 +112,14 @@ def test_mixed_adapter_stream_matches_each_request_alone_with_its_adapter_merged
 
 
 def test_mixed_adapter_stream_is_exact_with_the_triton_kernels(served, monkeypatch):
-    """A shorter stream through the Triton kernels at TP=2 (BD, and S-LoRA's all-gathered rank space and row
-    slices). On CPU they run in Triton's interpreter (~50 ms a launch); the whole suite runs on them with
-    MEGATRON_BDLORA_LORA_BACKEND=triton (and TRITON_INTERPRET=1 without a GPU)."""
+    """A shorter stream through the Triton kernels at TP=2, BD mode (S-LoRA's all-gathered rank space and row
+    slices are in the shared ops suite). On CPU they run in Triton's interpreter (~50 ms a launch); the whole
+    suite runs on them with MEGATRON_BDLORA_LORA_BACKEND=triton (and TRITON_INTERPRET=1 without a GPU)."""
     if not torch.cuda.is_available():  # set before the ranks import triton (megatron does, early)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     meg, adapters = served[2]
     stream = [(arrive, prompt, adapter, 4) for arrive, prompt, adapter, _ in _stream(list(adapters), 5, seed=2)]
-    modes = ("block_diagonal", "slora")
+    modes = ("block_diagonal",)
     results = run_distributed(modes_worker, 2, meg, adapters, modes, stream, TIGHT, "triton")
     for mode, result in zip(modes, results[0]):
         _check(result, stream, f"triton tp=2 {mode}")
