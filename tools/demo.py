@@ -1,6 +1,6 @@
 """`make demo`: the main job end to end on the embedded SmolLM2-135M-Instruct at TP=3 (3 local gloo ranks).
 
-    python tools/demo.py [--out-dir runs/demo] [--data-dir data] [--steps 6] [--lr 3e-3] [--fresh]
+    python tools/demo.py [--out-dir runs/demo] [--data-dir data] [--steps 5] [--lr 3e-3] [--fresh]
 
   1. data   the demo corpora (tools/prepare_data.py): DATA/milton, DATA/shakespeare_comedies
   2. base   the embedded base as HF safetensors and its TP=3 megatron shards (the project cache)
@@ -36,7 +36,7 @@ CORPORA = {"milton": "milton", "comedies": "shakespeare_comedies"}  # adapter / 
 PROMPTS = ("Of Man's first disobedience, and the fruit", "Good morrow, fair cousin. What news from")
 # a small workload: the speed table is a smoke-sized version of docs/benchmarks.md's, at the demo's TP and rank
 BENCH_ARGS = ("--model", "smollm2", "--modes", "block_diagonal,slora,replicated,none", "--num-requests", "4",
-              "--num-adapters", "2", "--prompt-len", "16,24", "--output-len", "12,12", "--warmup", "1")
+              "--num-adapters", "2", "--prompt-len", "16,24", "--output-len", "8,8", "--warmup", "1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,12 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="where runs, samples and tables go (default runs/demo)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="demo corpora folder (default data; made if missing)")
-    # 6 steps at 3e-3 leave each adapter >= 20% below every other model on its own corpus (8 at 2e-3 did as well)
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per adapter (global batch 8 x 128 tokens; default 6)")
+    # 5 steps at 3e-3 leave each adapter >= 20% below every other model on its own corpus (6 at 3e-3 and 8 at 2e-3
+    # gave 23-26%); the base is 34-41% above
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per adapter (global batch 8 x 128 tokens; default 5)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, 1 warm-up step then cosine (default 3e-3)")
     p.add_argument("--eval-batches", type=int, default=2,
                    help="held-out micro-batches (4 x 128 tokens) per perplexity cell, from the start of each valid file (default 2)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per sample (default 24)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens per sample (default 20)")
     p.add_argument("--fresh", action="store_true", help="redo the steps that write under --out-dir (data and the cached base are kept)")
     args = p.parse_args(argv)
     for flag in ("steps", "eval_batches", "max_new_tokens"):
@@ -83,7 +84,14 @@ def train_overrides(args: argparse.Namespace, name: str) -> list[str]:
             f"schedule.train_steps={args.steps}", "schedule.warmup_steps=1", f"optimizer.lr={args.lr}", "checkpoint.every=0"]
 
 
+def repo_relative(path: Path) -> Path:
+    """A path given relative to the caller's directory, relative to the repository when inside it."""
+    path = path.resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def one_line(text: str, width: int = 110) -> str:
+    """A sample on one line: line breaks shown as ' / ', cut at `width` characters."""
     flat = " / ".join(part.strip() for part in text.strip().splitlines() if part.strip())
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
@@ -209,7 +217,8 @@ def step_bench(args: argparse.Namespace, rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.chdir(REPO)
+    args.out_dir, args.data_dir = (repo_relative(p) for p in (args.out_dir, args.data_dir))
+    os.chdir(REPO)  # the commands below are the repository's (launch/, tools/, configs/)
     from megatron_bdlora.parallel import silence_expected_warnings
     from megatron_bdlora.training.config import load_config
 
