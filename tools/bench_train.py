@@ -32,12 +32,11 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_serving import collectives_label  # noqa: E402  (one table of collective names for the benchmarks)
 from megatron_bdlora.atomic import atomic_write_text  # noqa: E402
 
 VARIANTS = ("base", "block_diagonal", "slora", "replicated")
 LABELS = {"base": "frozen base, no adapter", "block_diagonal": "BD-LoRA (matched)", "slora": "S-LoRA", "replicated": "replicated"}
-_SHORT = {"all_reduce": "AR", "all_gather_into_tensor": "AG", "all_gather": "AG", "reduce_scatter_tensor": "RS",
-          "reduce_scatter": "RS", "broadcast": "BC"}
 
 
 def hf_shape(args: argparse.Namespace) -> dict:
@@ -147,9 +146,8 @@ def summarise(raw: dict, settings: dict, hf_config: dict, tp: int) -> list[dict]
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'variant':26} {'rank':>4} {'adapter params':>14} {'step ms':>9} {'x base':>7}  collectives per step"]
     for r in rows:
-        coll = "+".join(f"{n}{_SHORT.get(k, k)}" for k, n in sorted(r["collectives"].items()) if n) or "0"
         lines.append(f"{r['label']:26} {r['rank'] or '-':>4} {r['parameters']:>14,} {r['step_ms']:9.1f} "
-                     f"{r['vs_base']:7.3f}  {sum(r['collectives'].values())} ({coll})")
+                     f"{r['vs_base']:7.3f}  {collectives_label(r['collectives'])}")
     return "\n".join(lines)
 
 
