@@ -31,7 +31,13 @@ def load_adapter_for_model(
     adapter_dir: str | Path, hf_config: dict, tp: int, tp_rank: int, plain_lora_mode: str = "replicated"
 ) -> tuple[LoRASettings, Callable[[torch.nn.Module], None]]:
     """(settings to build the model with, loader that puts this rank's slices into the built model)."""
-    from megatron_bdlora.checkpoint.adapters import load_native, load_native_rank, read_manifest, settings_from_manifest
+    from megatron_bdlora.checkpoint.adapters import (
+        check_compatible,
+        load_native,
+        load_native_rank,
+        read_manifest,
+        settings_from_manifest,
+    )
     from megatron_bdlora.checkpoint.peft import import_peft
     from megatron_bdlora.checkpoint.reshard import reshard
     from megatron_bdlora.model import load_adapter_state_dict
@@ -42,7 +48,8 @@ def load_adapter_for_model(
         settings = settings_from_manifest(manifest)
         if int(manifest["tp"]) == tp:
             state = load_native_rank(adapter_dir, tp_rank, hf_config, tp, settings)
-        else:
+        else:  # the same base-model check as the same-TP path, at the adapter's own TP, before resharding
+            check_compatible(manifest, hf_config, int(manifest["tp"]), adapter_dir=adapter_dir)
             state = reshard(load_native(adapter_dir), tp).rank_state(tp_rank)
     else:
         import json

@@ -17,6 +17,7 @@ TP must divide the KV heads: otherwise heads would be replicated and block struc
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -169,13 +170,16 @@ def lora_layers(model: GPTModel) -> dict[tuple[int, str], tuple[_LoRAParallelMix
     return out
 
 
-def adapter_state_dict(model: GPTModel, slot: int = 0) -> dict[str, torch.Tensor]:
-    """This rank's adapter shards under the native checkpoint keys `layers.{l}.{proj}.lora_A|B`."""
+def adapter_state_dict(
+    model: GPTModel, slot: int = 0, value: Callable[[torch.nn.Parameter], torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's adapter shards under the native checkpoint keys `layers.{l}.{proj}.lora_A|B`; with `value`, that
+    of each factor parameter instead (its gradient, an optimizer moment), every rank walking them in one order."""
     state = {}
     for (l_idx, proj), (module, name) in lora_layers(model).items():
         ad = module.lora[name]
-        state[f"layers.{l_idx}.{proj}.lora_A"] = ad.lora_A[slot].detach().clone()
-        state[f"layers.{l_idx}.{proj}.lora_B"] = ad.lora_B[slot].detach().clone()
+        for factor, param in (("A", ad.lora_A), ("B", ad.lora_B)):
+            state[f"layers.{l_idx}.{proj}.lora_{factor}"] = (param if value is None else value(param))[slot].detach().clone()
     return state
 
 

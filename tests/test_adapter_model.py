@@ -16,8 +16,12 @@ from peft_reference import RANDOM_LLAMA, make_random_llama, peft_model, random_f
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Random Llama at TP 1/2/4, PEFT BD adapters (nblocks 2 and 4) saved by PEFT, and a native BD adapter."""
+    """Random Llama at TP 1/2/4, PEFT BD adapters (nblocks 2 and 4) saved by PEFT, and a native BD adapter saved at
+    TP=2 with its logits in transformers + PEFT after export."""
+    from peft import PeftModel
+
     from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
+    from megatron_bdlora.checkpoint.peft import export_peft_directory
 
     root = tmp_path_factory.mktemp("adapters")
     hf_model, ids, mask = make_random_llama(root, (1, 2, 4))
@@ -32,6 +36,9 @@ def setup(tmp_path_factory):
     native = LoRASettings(rank=4, alpha=8, use_rslora=True, mode="block_diagonal", nblocks=2)
     ckpt = AdapterCheckpoint(native, RANDOM_LLAMA, 2, random_factors(RANDOM_LLAMA, native, seed=7), "random-llama")
     save_native(ckpt, root / "native_tp2")
+    export_peft_directory(root / "native_tp2", root / "native_tp2_peft")
+    with torch.no_grad():
+        want["native"] = PeftModel.from_pretrained(copy.deepcopy(hf_model), root / "native_tp2_peft")(input_ids=ids, attention_mask=mask).logits
     plain = LoRASettings(rank=8, alpha=16, mode="replicated")  # no use_bdlora: a plain PEFT LoRA
     ref = peft_model(copy.deepcopy(hf_model), plain, random_factors(RANDOM_LLAMA, plain, seed=11))
     ref.save_pretrained(root / "peft_plain")
@@ -64,26 +71,44 @@ def adapter_worker(info, root, adapter_dirs, ids, mask, merge):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_peft_bd_adapters_import_at_every_tp_dividing_nblocks(setup, tp):
+    """At TP=1 the native adapter saved at TP=2 rides along: resharded in memory, it must give PEFT's logits."""
     root, _, ids, mask, peft_dirs, want = setup
-    nblocks = [n for n in (2, 4) if n % tp == 0]
-    results = run_distributed(adapter_worker, tp, root, [(peft_dirs[n], "replicated") for n in nblocks], ids, mask, False)
+    dirs = {n: peft_dirs[n] for n in (2, 4) if n % tp == 0}
+    if tp == 1:
+        dirs["native"] = root / "native_tp2"
+    results = run_distributed(adapter_worker, tp, root, [(d, "replicated") for d in dirs.values()], ids, mask, False)
     keep = mask.bool()
     for rank_results in results:
-        for n, got in zip(nblocks, rank_results):
+        for n, got in zip(dirs, rank_results):
             err = (got["logits"] - want[n])[keep].abs().max().item()
-            assert err <= 1e-3, f"tp={tp} nblocks={n}: max abs diff to PEFT {err}"
+            assert err <= 1e-3, f"tp={tp} adapter {n}: max abs diff to PEFT {err}"
 
 
-def test_native_bd_adapter_exported_to_peft_matches_logits_and_merge(setup, tmp_path):
+@pytest.mark.parametrize("tp", [1, 4])
+def test_native_adapter_at_another_tp_gets_the_same_base_model_check(setup, tp):
+    """Resharding in memory must not skip the check the same-TP path makes: another base shape is refused by name,
+    before any slicing; a TP the adapter's blocks cannot be split over is refused naming both numbers."""
+    from megatron_bdlora.adapter_loading import load_adapter_for_model
+    from megatron_bdlora.checkpoint.adapters import AdapterCheckpointError
+
+    root = setup[0]
+    hf_config = json.loads((root / "hf" / "config.json").read_text())
+    other = {**hf_config, "intermediate_size": hf_config["intermediate_size"] * 2}
+    with pytest.raises(AdapterCheckpointError, match="another base model.*intermediate_size"):
+        load_adapter_for_model(root / "native_tp2", other, tp, 0)
+    if tp == 4:
+        with pytest.raises(ValueError, match="nblocks=2.*tp=4"):
+            load_adapter_for_model(root / "native_tp2", hf_config, tp, 0)
+
+
+def test_native_bd_adapter_exported_to_peft_matches_logits_and_merge(setup):
     from peft import PeftModel
 
     from megatron_bdlora.checkpoint.hf import layouts
-    from megatron_bdlora.checkpoint.peft import export_peft_directory
 
     root, hf_model, ids, mask, _, _ = setup
     ours = run_distributed(adapter_worker, 2, root, [(root / "native_tp2", "replicated")], ids, mask, True)
-    export_peft_directory(root / "native_tp2", tmp_path / "peft")
-    ref = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "peft").eval()
+    ref = PeftModel.from_pretrained(copy.deepcopy(hf_model), root / "native_tp2_peft").eval()
     keep = mask.bool()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits

@@ -1,5 +1,6 @@
-"""Fine-tuning runs under torchrun: loss falls, TP and DP invariance, exact resume, crash-safe checkpoints,
-clear errors for bad configuration, and the SmolLM2 TP=3 run whose adapter also helps in transformers + PEFT."""
+"""Fine-tuning runs under torchrun: loss falls, exact resume, crash-safe checkpoints, clear errors for bad
+configuration, and the SmolLM2 TP=3 run whose adapter also helps in transformers + PEFT. TP / DP / accumulation
+invariance and every sharding mode: test_train_gradients.py."""
 
 from __future__ import annotations
 
@@ -46,44 +47,17 @@ def text_data(demo_data) -> list[str]:
     return [f"data.train={demo_data / 'milton' / 'train.txt'}", f"data.valid={demo_data / 'milton' / 'valid.txt'}"]
 
 
-def _rel(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
-
-
-def test_tiny_tp2_run_lowers_the_loss_and_writes_the_adapter(tmp_path, text_data):
-    run = tmp_path / "run"
-    proc = train(2, TINY, text_data + [f"logging.dir={run}", "schedule.train_steps=16", "checkpoint.every=0"])
-    got = losses(run)
-    assert len(got) == 16 and all(math.isfinite(x) for x in got)
-    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3 - 0.05, f"loss did not fall: {got}"
-    manifest = json.loads((run / "adapter" / "adapter_manifest.json").read_text())
-    assert (manifest["mode"], manifest["tp"], manifest["nblocks"]) == ("block_diagonal", 2, 2)
-    assert sorted(p.name for p in (run / "adapter").glob("rank_*.safetensors")) == ["rank_00.safetensors", "rank_01.safetensors"]
-    assert "done: step 16" in proc.stdout
-
-
-def test_losses_are_tp_invariant_and_dp_invariant(tmp_path, text_data):
-    """Same seed and data: TP=1 vs TP=2, and TP=1 x DP=2 vs DP=1 with twice the accumulation."""
-    common = text_data + ["schedule.train_steps=5", "checkpoint.every=0", "lora.nblocks=2", "parallel.global_batch_size=4"]
-    tp1 = tmp_path / "tp1"
-    train(1, TINY, common + [f"logging.dir={tp1}", "parallel.tp=1", "parallel.micro_batch_size=2"])
-    tp2 = tmp_path / "tp2"
-    train(2, TINY, common + [f"logging.dir={tp2}", "parallel.tp=2", "parallel.micro_batch_size=2"])
-    dp2 = tmp_path / "dp2"
-    train(2, TINY, common + [f"logging.dir={dp2}", "parallel.tp=1", "parallel.micro_batch_size=1"])
-    dp1 = tmp_path / "dp1"
-    train(1, TINY, common + [f"logging.dir={dp1}", "parallel.tp=1", "parallel.micro_batch_size=1"])
-    l1, l2 = losses(tp1), losses(tp2)
-    assert len(l1) == 5 and l1[-1] < l1[0]
-    assert _rel(l2, l1) <= 1e-4, f"TP=2 vs TP=1 losses: {l2} vs {l1}"
-    assert _rel(losses(dp2), losses(dp1)) <= 1e-4, f"DP=2 vs DP=1 x 2 accumulation: {losses(dp2)} vs {losses(dp1)}"
-
-
 def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_data):
     """10 steps straight vs the same run killed while writing its step-10 checkpoint, then resumed from step 5."""
     common = text_data + ["schedule.train_steps=10", "checkpoint.every=5", "logging.progress=false"]
     straight = tmp_path / "straight"
-    train(2, TINY, common + [f"logging.dir={straight}"])
+    proc = train(2, TINY, common + [f"logging.dir={straight}"])
+    want = losses(straight)
+    assert len(want) == 10 and all(math.isfinite(x) for x in want) and "done: step 10" in proc.stdout
+    assert sum(want[-3:]) / 3 < sum(want[:3]) / 3 - 0.05, f"loss did not fall: {want}"
+    manifest = json.loads((straight / "adapter" / "adapter_manifest.json").read_text())
+    assert (manifest["mode"], manifest["tp"], manifest["nblocks"]) == ("block_diagonal", 2, 2)
+    assert sorted(p.name for p in (straight / "adapter").glob("rank_*.safetensors")) == ["rank_00.safetensors", "rank_01.safetensors"]
     crashed = tmp_path / "crashed"
     proc = train(2, TINY, common + [f"logging.dir={crashed}"], env={"MEGATRON_BDLORA_FAULT": "checkpoint-mid-write:10"}, check=False)
     assert proc.returncode != 0, "the injected crash did not happen"
@@ -91,7 +65,7 @@ def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_da
     assert (ckpts / "latest").read_text().strip() == "step_000005", "a half-written checkpoint was published"
     assert (ckpts / "step_000010.tmp").is_dir() and not (ckpts / "step_000010").exists()
     train(2, TINY, common + [f"logging.dir={crashed}"], resume=True)
-    want, got = losses(straight), losses(crashed)
+    got = losses(crashed)
     # the crashed run logged steps 1-10, then the resumed run logged 6-10 again
     assert got[:10] == want and len(got) == 15
     assert max(abs(a - b) for a, b in zip(got[10:], want[5:])) <= 1e-6, f"{got[10:]} vs {want[5:]}"

@@ -103,6 +103,9 @@ class LoggingSection:
     eval_batches: int = 8
     tensorboard: bool = False
     progress: bool = True
+    # steps whose adapter weights (before), accumulated gradients (before clipping) and Adam exp_avg (after) are
+    # written as native adapters to <dir>/dump/step_NNNNNN/{weights,grads,exp_avg} (debugging, gradient tests)
+    dump_steps: list[int] = field(default_factory=list)
 
 
 @dataclass

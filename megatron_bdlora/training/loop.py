@@ -118,7 +118,9 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        from megatron_bdlora.model import adapter_state_dict
         from megatron_bdlora.training.data import collate
+        from megatron_bdlora.training.step_state import full_grad, optimizer_state
 
         micro_batches = [collate(self.run_info.train_data, idx) for idx in self.sampler.micro_batches(self.step)]
         tokens = self._dp_sum(sum(float(b["loss_mask"].sum()) for b in micro_batches))
@@ -128,18 +130,40 @@ class Trainer:
         # mean over every loss token of the global batch
         scale = self.grad_accum * self.run_info.dp / tokens
         lr = self.scheduler.get_last_lr()[0]
+        dump = self.log_dir / "dump" / f"step_{self.step + 1:06d}" if self.step + 1 in self.cfg.logging.dump_steps else None
+        if dump:
+            self.write_adapter(dump / "weights")
         loss_sum = 0.0
         self.engine.train()
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             per_token = token_losses(self.engine, batch)
             summed = (per_token * batch["loss_mask"]).sum()
             self.engine.backward(summed * scale)
+            if i == len(micro_batches) - 1:  # the boundary: gradients accumulated and DP-reduced, not yet clipped
+                grad_norm = self._grad_norm_before_step()
+                if dump:
+                    self.write_adapter(dump / "grads", adapter_state_dict(self.model, value=full_grad))
             self.engine.step()
             loss_sum += summed.item()
+        if dump:
+            self.write_adapter(dump / "exp_avg", adapter_state_dict(self.model, value=optimizer_state(self.engine, "exp_avg")))
         loss = self._dp_sum(loss_sum) / tokens
         self.step += 1
+        grad_norm = grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm())
         processed = self._dp_sum(sum(float(b["input_ids"].numel()) for b in micro_batches))
-        return {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_processed": processed}
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "clipped": 0 < self.cfg.optimizer.grad_clip < grad_norm,
+                "tokens": tokens, "tokens_processed": processed}
+
+    def _grad_norm_before_step(self) -> float | None:
+        """The gradient norm clipping will see, where DeepSpeed does not report it after the step (no ZeRO, fp32)."""
+        if self.engine.zero_optimization() or self.engine.bfloat16_enabled():
+            return None
+        from megatron.core import parallel_state
+
+        from megatron_bdlora.training.step_state import stage0_grad_norm
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return stage0_grad_norm(params, parallel_state.get_tensor_model_parallel_group())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -162,8 +186,9 @@ class Trainer:
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
 
     # -- checkpoints -----------------------------------------------------------------------------------
-    def write_adapter(self, out_dir: Path) -> None:
-        """Collective: data-parallel replica 0 gathers its TP shards to global rank 0, which writes the adapter."""
+    def write_adapter(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Collective: data-parallel replica 0 gathers its TP shards (the adapter, or `state` in its layout: gradients,
+        optimizer moments) to global rank 0, which writes them as a native adapter directory."""
         from megatron.core import parallel_state
 
         from megatron_bdlora.checkpoint.adapters import save_native_rank_states
@@ -172,7 +197,8 @@ class Trainer:
         if self.info.dp_rank == 0:
             tp_group = parallel_state.get_tensor_model_parallel_group()
             states = [None] * self.run_info.tp if self.info.tp_rank == 0 else None
-            dist.gather_object(adapter_state_dict(self.model), states, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
+            local = adapter_state_dict(self.model) if state is None else state
+            dist.gather_object(local, states, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
             if self.info.rank == 0:
                 save_native_rank_states(
                     out_dir, self.settings, self.run_info.hf_config, self.run_info.tp, states,
