@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        run = prepare_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        run = prepare_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), args.resume)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""Parity on the real pretrained SmolLM2-135M-Instruct (9 heads, 3 KV heads) at TP 1 and 3: logits and greedy
-generation vs transformers, and logits with a random adapter in each mode vs transformers + PEFT."""
+"""Parity on the real pretrained SmolLM2-135M-Instruct (9 heads, 3 KV heads) at TP=3: logits and greedy
+generation vs transformers, and logits with a random adapter in each mode vs transformers + PEFT. (TP=1 runs the
+same code unsharded; it is checked on random Llamas in test_model.py, which keeps the suite within budget.)"""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def smollm2():
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False) for p in PROMPTS]
-    megatron_dirs = {tp: ensure_megatron_base(hf_dir, tp) for tp in (1, 3)}
+    megatron_dirs = {tp: ensure_megatron_base(hf_dir, tp) for tp in (3,)}
     return hf_dir, tok, model, [list(c) for c in chats], megatron_dirs
 
 
@@ -79,7 +80,7 @@ def smollm2_worker(info, meg_dir, chats, pad, adapters, new_tokens):
     return out
 
 
-@pytest.mark.parametrize("tp", [1, 3])
+@pytest.mark.parametrize("tp", [3])
 def test_smollm2_logits_generation_and_adapters_match_transformers(smollm2, tp, tmp_path):
     from transformers import GenerationConfig
 

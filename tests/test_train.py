@@ -48,29 +48,51 @@ def text_data(demo_data) -> list[str]:
 
 
 def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_data):
-    """10 steps straight vs the same run killed while writing its step-10 checkpoint, then resumed from step 5."""
-    common = text_data + ["schedule.train_steps=10", "checkpoint.every=5", "logging.progress=false"]
+    """16 steps straight vs the same run killed while writing its step-16 checkpoint, then resumed from step 8;
+    resuming at another layout is refused before any process group, and its way out (a new run from the adapter at
+    another TP) carries the weights over exactly."""
+    common = text_data + ["schedule.train_steps=16", "checkpoint.every=8", "logging.progress=false"]
     straight = tmp_path / "straight"
     proc = train(2, TINY, common + [f"logging.dir={straight}"])
     want = losses(straight)
-    assert len(want) == 10 and all(math.isfinite(x) for x in want) and "done: step 10" in proc.stdout
+    assert len(want) == 16 and all(math.isfinite(x) for x in want) and "done: step 16" in proc.stdout
     assert sum(want[-3:]) / 3 < sum(want[:3]) / 3 - 0.05, f"loss did not fall: {want}"
     manifest = json.loads((straight / "adapter" / "adapter_manifest.json").read_text())
     assert (manifest["mode"], manifest["tp"], manifest["nblocks"]) == ("block_diagonal", 2, 2)
     assert sorted(p.name for p in (straight / "adapter").glob("rank_*.safetensors")) == ["rank_00.safetensors", "rank_01.safetensors"]
     crashed = tmp_path / "crashed"
-    proc = train(2, TINY, common + [f"logging.dir={crashed}"], env={"MEGATRON_BDLORA_FAULT": "checkpoint-mid-write:10"}, check=False)
+    proc = train(2, TINY, common + [f"logging.dir={crashed}"], env={"MEGATRON_BDLORA_FAULT": "checkpoint-mid-write:16"}, check=False)
     assert proc.returncode != 0, "the injected crash did not happen"
     ckpts = crashed / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_000005", "a half-written checkpoint was published"
-    assert (ckpts / "step_000010.tmp").is_dir() and not (ckpts / "step_000010").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_000008", "a half-written checkpoint was published"
+    assert (ckpts / "step_000016.tmp").is_dir() and not (ckpts / "step_000016").exists()
+
+    cmd = [sys.executable, "-m", "megatron_bdlora.train", "--config", str(TINY), "--resume", *common, f"logging.dir={crashed}", "parallel.tp=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "at tp=1 x dp=1 (world size 1): it was written at tp=2 x dp=1 (world size 2)" in proc.stderr, proc.stderr[-2000:]
+    assert f"lora.init={ckpts / 'step_000008' / 'adapter'}" in proc.stderr
+
     train(2, TINY, common + [f"logging.dir={crashed}"], resume=True)
     got = losses(crashed)
-    # the crashed run logged steps 1-10, then the resumed run logged 6-10 again
-    assert got[:10] == want and len(got) == 15
-    assert max(abs(a - b) for a, b in zip(got[10:], want[5:])) <= 1e-6, f"{got[10:]} vs {want[5:]}"
+    # the crashed run logged steps 1-16, then the resumed run logged 9-16 again
+    assert got[:16] == want and len(got) == 24
+    assert max(abs(a - b) for a, b in zip(got[16:], want[8:])) <= 1e-6, f"{got[16:]} vs {want[8:]}"
     a, b = adapter_tensors(straight / "adapter"), adapter_tensors(crashed / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the way out: start at TP=1 from the TP=2 adapter (lr 0: the step changes nothing); other settings are refused
+    from megatron_bdlora.checkpoint.adapters import load_native
+
+    init = [f"lora.init={straight / 'adapter'}", "parallel.tp=1", "schedule.train_steps=1", "schedule.warmup_steps=0"]
+    cmd = [sys.executable, "-m", "megatron_bdlora.train", "--config", str(TINY), *text_data, *init, "lora.rank=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"})
+    assert proc.returncode == 2 and "other LoRA settings" in proc.stderr and "'rank': (8, 4)" in proc.stderr, proc.stderr[-2000:]
+    restarted = tmp_path / "restarted"
+    train(1, TINY, text_data + init + ["optimizer.lr=0", "checkpoint.every=0", f"logging.dir={restarted}"])
+    before, after = load_native(straight / "adapter"), load_native(restarted / "adapter")
+    assert after.tp == 1 and before.factors.keys() == after.factors.keys()
+    assert all(torch.equal(x, y) for k in before.factors for x, y in zip(before.factors[k], after.factors[k]))
 
 
 @pytest.mark.parametrize(
@@ -121,6 +143,47 @@ def test_empty_data_set_is_rejected_by_name(tmp_path):
     cmd = [sys.executable, "-m", "megatron_bdlora.train", "--config", str(TINY), f"data.train={empty}", "data.valid=null"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "2"})
     assert proc.returncode == 2 and str(empty) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bfloat16_run_trains_and_its_adapter_is_saved_and_exported_to_peft_exactly(tmp_path, text_data):
+    """model.dtype=bfloat16 through DeepSpeed (bf16 parameters, float32 master weights in the optimizer): the loss
+    falls, the adapter is saved as bfloat16 (the manifest says so), and its PEFT export holds the same bits, which
+    PEFT loads without loss (it upcasts to the base model's float32) and which move the logits."""
+    import yaml
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from megatron_bdlora.base_models import resolve_hf_base
+    from megatron_bdlora.checkpoint.adapters import load_native
+    from megatron_bdlora.checkpoint.peft import export_peft_directory
+
+    run = tmp_path / "bf16"
+    train(2, TINY, text_data + [f"logging.dir={run}", "model.dtype=bfloat16", "schedule.train_steps=16", "checkpoint.every=0",
+                                "logging.progress=false"])
+    got = losses(run)
+    assert len(got) == 16 and sum(got[-3:]) / 3 < sum(got[:3]) / 3, f"bf16 loss did not fall: {got}"
+    assert json.loads((run / "adapter" / "adapter_manifest.json").read_text())["dtype"] == "bfloat16"
+    ckpt = load_native(run / "adapter")
+    assert all(t.dtype == torch.bfloat16 for pair in ckpt.factors.values() for t in pair)
+    export_peft_directory(run / "adapter", tmp_path / "peft")
+    exported = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    hf_dir = resolve_hf_base("smollm2-135m-instruct", yaml.safe_load(TINY.read_text())["model"]["random_config"], 1234)
+    base = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    loaded = dict(model.named_parameters())
+    for (layer, proj), pair in ckpt.factors.items():
+        module = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        prefix = f"base_model.model.model.layers.{layer}.{module}.{proj}"
+        for factor, want in zip("AB", pair):
+            saved = exported[f"{prefix}.lora_{factor}.weight"]
+            assert saved.dtype == torch.bfloat16 and torch.equal(saved, want), f"{prefix} lora_{factor} export"
+            assert torch.equal(loaded[f"{prefix}.lora_{factor}.default.weight"], want.float()), f"{prefix} lora_{factor} in PEFT"
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - base_logits).abs().max() > 1e-4, "the trained adapter does not move the logits"
 
 
 def test_smollm2_tp3_adapter_lowers_held_out_perplexity_in_peft_too(tmp_path, text_data, demo_data):

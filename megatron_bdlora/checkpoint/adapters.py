@@ -396,16 +396,20 @@ def check_compatible(
             f"python {RESHARD_TOOL} --adapter-dir {adapter_dir} --out-dir OUT --tp {tp}"
         )
     if settings is not None:
-        saved = settings_from_manifest(manifest)
-        if settings.mode is Mode.BLOCK_DIAGONAL and settings.nblocks is None:
-            settings = dataclasses.replace(settings, nblocks=tp)
-        fields = ("rank", "alpha", "use_rslora", "mode", "nblocks")
-        diff = {f: (getattr(saved, f), getattr(settings, f)) for f in fields}
-        diff = {f: pair for f, pair in diff.items() if pair[0] != pair[1]}
-        if canonical_targets(settings.targets) != saved.targets:
-            diff["targets"] = (list(saved.targets), list(canonical_targets(settings.targets)))
-        if diff:
-            raise AdapterCheckpointError(f"{adapter_dir} has other LoRA settings (adapter, model): {diff}")
+        check_same_settings(settings_from_manifest(manifest), settings, tp, adapter_dir)
+
+
+def check_same_settings(saved: LoRASettings, settings: LoRASettings, tp: int, adapter_dir: str | os.PathLike) -> None:
+    """Refuse an adapter whose rank, alpha, rsLoRA, mode, nblocks (None: tp in BD mode) or targets differ."""
+    if settings.mode is Mode.BLOCK_DIAGONAL and settings.nblocks is None:
+        settings = dataclasses.replace(settings, nblocks=tp)
+    fields = ("rank", "alpha", "use_rslora", "mode", "nblocks")
+    diff = {f: (getattr(saved, f), getattr(settings, f)) for f in fields}
+    diff = {f: pair for f, pair in diff.items() if pair[0] != pair[1]}
+    if canonical_targets(settings.targets) != canonical_targets(saved.targets):
+        diff["targets"] = (list(canonical_targets(saved.targets)), list(canonical_targets(settings.targets)))
+    if diff:
+        raise AdapterCheckpointError(f"{adapter_dir} has other LoRA settings (adapter, model): {diff}")
 
 
 def load_native_rank(

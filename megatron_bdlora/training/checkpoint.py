@@ -6,11 +6,13 @@ Layout of `<dir>`:
     step_000050/adapter/       native adapter checkpoint (manifest + one file per TP rank)
     step_000050/deepspeed/     DeepSpeed engine state (optimizer, scheduler; frozen base excluded)
     step_000050/trainer/rank_NNNNN.pt   step, sampler position, RNG states of each global rank
+    step_000050/trainer/layout.json     tp, dp and world size the checkpoint was written at
 A run killed mid-write leaves only a `.tmp` directory, which resume ignores and the next save removes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -39,6 +41,29 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return path
 
 
+LAYOUT_FILE = "layout.json"
+
+
+def check_resume_layout(ckpt_dir: str | Path, tp: int, dp: int) -> None:
+    """Refuse, before any process group, to resume at another TP or DP size than the newest checkpoint's.
+
+    DeepSpeed's ZeRO optimizer files are partitioned over the DP ranks that wrote them (it refuses another DP size
+    itself, after minutes of start-up) and its model files are per TP rank; the adapter alone reshards exactly.
+    """
+    path = latest_checkpoint(ckpt_dir)
+    if path is None or not (path / "trainer" / LAYOUT_FILE).is_file():
+        return
+    saved = json.loads((path / "trainer" / LAYOUT_FILE).read_text())
+    if (saved["tp"], saved["dp"]) != (tp, dp):
+        raise ValueError(
+            f"cannot resume {path} at tp={tp} x dp={dp} (world size {tp * dp}): it was written at tp={saved['tp']} x "
+            f"dp={saved['dp']} (world size {saved['world_size']}), and its optimizer state is partitioned for that. "
+            f"Either resume with the same layout (torchrun --nproc_per_node {saved['world_size']} ... "
+            f"parallel.tp={saved['tp']}), or start a new run from its adapter at any layout with "
+            f"lora.init={path / 'adapter'} (the weights carry over exactly, the optimizer state and schedule restart)"
+        )
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -61,10 +86,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     write_adapter,
     keep: int,
+    layout: dict[str, int],
 ) -> Path:
     """Collective: every rank writes its part under a .tmp directory; rank 0 publishes it and prunes old ones.
 
     write_adapter(path): writes the native adapter directory at `path` (collective over TP; rank 0 writes).
+    layout: {"tp", "dp", "world_size"} of the run, checked by check_resume_layout.
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / _tag(step)
@@ -77,6 +104,8 @@ def save_checkpoint(
     engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
     (tmp / "trainer").mkdir(exist_ok=True)
     torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        (tmp / "trainer" / LAYOUT_FILE).write_text(json.dumps(layout) + "\n")
     write_adapter(tmp / "adapter")
     _maybe_fault(step)
     dist.barrier()

@@ -45,6 +45,9 @@ class LoRASection:
     use_rslora: bool = False
     dropout: float = 0.0
     nblocks: int | None = None  # block_diagonal only; None = tp
+    # start from this adapter instead of PEFT's init: a native adapter saved at any TP (resharded in memory) or a
+    # PEFT directory; its rank, alpha, mode, nblocks and targets must equal the ones above
+    init: str | None = None
 
     def settings(self, seed: int) -> LoRASettings:
         return LoRASettings(

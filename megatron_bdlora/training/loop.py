@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,14 +34,22 @@ class PreparedRun:
     tp: int
     dp: int
     grad_accum: int  # micro-batches per DP rank per step
+    init_adapter: Callable[[torch.nn.Module], None] | None = None  # loads lora.init's slices of this rank
 
 
-def prepare_run(cfg: TrainConfig, world_size: int) -> PreparedRun:
-    """Resolve the base model, validate shapes/plans and load the data; raises ConfigError/FileNotFoundError."""
+def prepare_run(cfg: TrainConfig, world_size: int, rank: int = 0, resume: bool = False) -> PreparedRun:
+    """Resolve the base model, validate shapes/plans, the checkpoint to resume and the adapter to start from, and
+    load the data; raises ConfigError / FileNotFoundError / ValueError."""
+    from megatron_bdlora.training.checkpoint import check_resume_layout
     from megatron_bdlora.training.data import load_examples, require_data_file
 
     layout = batch_layout(cfg, world_size)
     tp, dp = layout.tp, layout.dp
+    if resume:
+        try:
+            check_resume_layout(cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints", tp, dp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     for key, path in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
         if path is not None:
             require_data_file(path, key)
@@ -63,8 +71,23 @@ def prepare_run(cfg: TrainConfig, world_size: int) -> PreparedRun:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     train = load_examples(cfg.data.train, cfg.data.format, tokenizer, cfg.data.seq_length)
     valid = load_examples(cfg.data.valid, cfg.data.format, tokenizer, cfg.data.seq_length) if cfg.data.valid else None
+    init_adapter = _init_adapter(cfg.lora.init, settings, hf_config, tp, rank % tp) if cfg.lora.init else None
     megatron_dir = ensure_megatron_base(hf_dir, tp)
-    return PreparedRun(cfg, hf_dir, megatron_dir, hf_config, tokenizer, train, valid, tp, dp, layout.grad_accum)
+    return PreparedRun(cfg, hf_dir, megatron_dir, hf_config, tokenizer, train, valid, tp, dp, layout.grad_accum, init_adapter)
+
+
+def _init_adapter(path: str, settings, hf_config: dict, tp: int, tp_rank: int) -> Callable[[torch.nn.Module], None]:
+    """This rank's slices of the adapter to start from (megatron orders TP ranks fastest: tp_rank = rank % tp),
+    after checking it was made for this base model and with the run's LoRA settings."""
+    from megatron_bdlora.adapter_loading import load_adapter_for_model
+    from megatron_bdlora.checkpoint.adapters import check_same_settings
+
+    saved, loader = load_adapter_for_model(path, hf_config, tp, tp_rank, plain_lora_mode=settings.mode.value)
+    try:
+        check_same_settings(saved, settings, tp, f"lora.init={path}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return loader
 
 
 def _causal(ids: torch.Tensor) -> torch.Tensor:
@@ -98,6 +121,8 @@ class Trainer:
         self.settings = cfg.lora.settings(cfg.seed)
         self.model = build_model(run.hf_config, run.tp, self.settings, cfg.model.dtype)
         load_base_state_dict(self.model, load_megatron_rank_state(run.megatron_dir, self.info.tp_rank, run.tp))
+        if run.init_adapter is not None:
+            run.init_adapter(self.model)
         self.dp_group = parallel_state.get_data_parallel_group()
         micro, dp = cfg.parallel.micro_batch_size, run.dp
         self.grad_accum = run.grad_accum
@@ -210,7 +235,8 @@ class Trainer:
         from megatron_bdlora.training.checkpoint import save_checkpoint
 
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "history": self.history}
-        return save_checkpoint(self.ckpt_dir, self.step, self.engine, state, self.write_adapter, self.cfg.checkpoint.keep)
+        layout = {"tp": self.run_info.tp, "dp": self.run_info.dp, "world_size": self.run_info.tp * self.run_info.dp}
+        return save_checkpoint(self.ckpt_dir, self.step, self.engine, state, self.write_adapter, self.cfg.checkpoint.keep, layout)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint, if any; returns whether one was found."""
