@@ -184,6 +184,26 @@ def test_bfloat16_run_trains_and_its_adapter_is_saved_and_exported_to_peft_exact
             assert torch.equal(loaded[f"{prefix}.lora_{factor}.default.weight"], want.float()), f"{prefix} lora_{factor} in PEFT"
     with torch.no_grad():
         assert (model(input_ids=ids).logits - base_logits).abs().max() > 1e-4, "the trained adapter does not move the logits"
+    # loaded back into a bfloat16 model at TP=1 (resharded from TP=2): every rank-0 slice holds the saved bits
+    from megatron_bdlora.local_ranks import run_distributed
+
+    state = run_distributed(load_back_worker, 1, hf_dir, run / "adapter")[0]
+    for (layer, proj), pair in ckpt.factors.items():
+        for factor, want in zip("AB", pair):
+            got = state[f"layers.{layer}.{proj}.lora_{factor}"]
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want), f"layers.{layer}.{proj}.lora_{factor} loaded back"
+
+
+def load_back_worker(info, hf_dir, adapter_dir):
+    """This rank's adapter slices after loading adapter_dir into a bfloat16 model (no base weights needed)."""
+    from megatron_bdlora.adapter_loading import load_adapter_for_model
+    from megatron_bdlora.model import adapter_state_dict, build_model
+
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    settings, load = load_adapter_for_model(adapter_dir, hf_config, info.tp_size, info.tp_rank)
+    model = build_model(hf_config, info.tp_size, settings, "bfloat16")
+    load(model)
+    return adapter_state_dict(model)
 
 
 def test_smollm2_tp3_adapter_lowers_held_out_perplexity_in_peft_too(tmp_path, text_data, demo_data):
