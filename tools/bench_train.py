@@ -95,6 +95,8 @@ def train_worker(info, spec: dict) -> dict | None:
         model = build_model(hf_config, tp, settings[name])
         _random_base(model, spec["seed"] + info.tp_rank)
         if settings[name] is None:
+            model.requires_grad_(False)  # frozen base: without an adapter build_model leaves every weight trainable
+
             def hook(module, inputs, output):
                 return output.detach().requires_grad_()  # the activations' backward, with nothing to update
 
