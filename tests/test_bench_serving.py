@@ -2,7 +2,7 @@
 collectives per decode step, the PEFT baseline, the plot.
 
 Two runs of a 2-layer random Llama (3 requests over 2 adapters), started together: TP 2 with every mode of our
-loop at the paper's ranks (--paper-ranks; collectives), TP 1 with every mode serving one BD adapter set exactly
+loop at the paper's ranks (--paper-ranks; collectives; --profile), TP 1 with every mode serving one BD adapter set exactly
 converted, plus transformers + PEFT. Timings are not asserted (a shared 2-core
 CPU); output agreement and collective counts are exact.
 """
@@ -31,7 +31,7 @@ FLAGS = ("--tp", "--modes", "--peft", "--json", "--plot", "--num-requests", "--n
          "--popularity-alpha", "--arrival", "--rate", "--prompt-len", "--output-len", "--seed", "--model", "--layers",
          "--hidden", "--intermediate", "--heads", "--kv-heads", "--max-num-seqs", "--max-num-batched-tokens",
          "--max-loras", "--max-model-len", "--kv-cache-gb", "--block-size", "--threads", "--warmup", "--repeats",
-         "--model-shape", "--paper-ranks")
+         "--model-shape", "--paper-ranks", "--profile")
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -51,7 +51,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> dict:
 def runs(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("bench_serving")
     procs = {
-        2: _start("--tp", "2", *TINY, "--paper-ranks", "--json", str(tmp / "tp2.json"), "--plot", str(tmp / "tp2.png")),
+        2: _start("--tp", "2", *TINY, "--paper-ranks", "--profile", "--json", str(tmp / "tp2.json"), "--plot", str(tmp / "tp2.png")),
         1: _start("--tp", "1", "--threads", "1", "--peft", *TINY, "--json", str(tmp / "tp1.json"),
                   "--plot", str(tmp / "tp1.png")),
     }
@@ -163,3 +163,17 @@ def test_peft_at_tp_above_one_is_refused_before_any_work():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tp", "2", "--peft"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--peft runs at --tp 1 only" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_profile_says_where_each_systems_step_time_goes(runs):
+    """--profile: per system of our loop, rank 0's top ops over one more replay, ordered by their share of its self
+    CPU time per engine step; without the flag (the TP=1 run) no profile is taken."""
+    systems = runs[2]["systems"]
+    for name, row in systems.items():
+        prof = row["profile"]
+        assert prof["engine_steps"] >= 1 and prof["self_cpu_ms_per_step"] > 0, name
+        shares = [op["share"] for op in prof["ops"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9, name
+        assert all(op["calls_per_step"] > 0 and op["ms_per_step"] >= 0 for op in prof["ops"]), name
+    assert "ms self CPU per engine step" in runs[2]["stdout"]
+    assert all("profile" not in row or row["profile"] is None for row in runs[1]["systems"].values())

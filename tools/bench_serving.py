@@ -435,7 +435,43 @@ def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict
                 result = run(s, workload, bar=bar)
                 if lead:
                     out[s]["repeats"].append(result)
+    if spec.get("profile"):  # one more untimed replay per system under torch.profiler: where a step's time goes
+        for s in systems:
+            if s == PEFT:
+                continue
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                result = run(s, workload)
+            if lead:
+                out[s]["profile"] = profile_summary(prof, result["engine_steps"])
     return out if lead else None
+
+
+def profile_summary(prof: Any, engine_steps: int, top: int = 12) -> dict:
+    """Rank 0's top ops by self CPU time over one profiled replay: ms per engine step and share of the total."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+    return dict(
+        engine_steps=engine_steps,
+        self_cpu_ms_per_step=total_ms / engine_steps,
+        ops=[dict(name=e.key, calls_per_step=e.count / engine_steps, ms_per_step=e.self_cpu_time_total / 1e3 / engine_steps,
+                  share=e.self_cpu_time_total / 1e3 / total_ms) for e in events[:top]],
+    )
+
+
+def format_profiles(rows: dict[str, dict]) -> str:
+    """Per system: its top ops (rank 0, self CPU time per engine step over the profiled replay)."""
+    lines = []
+    for row in rows.values():
+        prof = row.get("profile")
+        if not prof:
+            continue
+        lines.append(f"{row['label']}: {prof['self_cpu_ms_per_step']:.1f} ms self CPU per engine step "
+                     f"({prof['engine_steps']} steps, rank 0, under torch.profiler)")
+        lines.append(_table(("op", "calls/step", "ms/step", "share"),
+                            [(o["name"][:48], f"{o['calls_per_step']:.1f}", f"{o['ms_per_step']:.1f}", f"{100 * o['share']:.1f}%")
+                             for o in prof["ops"]]))
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -492,6 +528,7 @@ def summarise_system(name: str, label: str, result: dict) -> dict:
         decode_collectives=result.get("decode_collectives"),
         outputs_same_every_repeat=stable,
         tokens=first,
+        profile=result.get("profile"),
     )
 
 
@@ -771,6 +808,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--warmup", type=int, default=2, help="requests of the workload (plus the first request of every adapter not among them; at most 6 new tokens each) run untimed through each system first; their decode-only step gives the collective counts (default 2)")
     r.add_argument("--timeout-s", type=float, default=4 * 3600.0, help="give up on the ranks after this long (default 4 h)")
     r.add_argument("--repeats", type=int, default=1, help="timed replays per system, interleaved across systems; the table shows medians (default 1)")
+    r.add_argument("--profile", action="store_true",
+                   help="after the timed replays, one more per system under torch.profiler (CPU): its top ops by self "
+                        "time per engine step on rank 0, printed and in the JSON (where a step's time goes)")
     args = p.parse_args(argv)
     if args.model_shape:
         from megatron_bdlora.param_count import BUILTIN_CONFIGS
@@ -838,7 +878,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_dirs = {n: str(export_peft_directory(adapter_dirs[n], Path(tmp) / "peft" / n)) for n in names["bd"]} if args.peft else {}
         spec = dict(
             systems=specs, names=names, ranks={v: st.rank for v, st in variants.items()},
-            threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+            threads=args.threads, warmup=args.warmup, repeats=args.repeats, profile=args.profile,
             megatron_dir=str(meg_dir), hf_dir=str(hf_dir), peft_dirs=peft_dirs, adapter_rank=args.adapter_rank,
             max_loras=args.max_loras,
             engine=dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -880,6 +920,9 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(format_agreement(check, {s: row["label"] for s, row in rows.items()}))
     print("expected extra collectives per forward over the base: " + ", ".join(f"{LABELS[m]} {n}" for m, n in extra.items()))
+    if args.profile:
+        print()
+        print(format_profiles(rows))
 
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     cfg.update(json=str(args.json) if args.json else None, plot=str(args.plot) if args.plot else None,
