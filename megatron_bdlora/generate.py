@@ -77,6 +77,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if not (args.megatron_dir / "config.json").is_file():  # before the heavy imports: a typo fails in a second
+        print(f"error: {args.megatron_dir} is not a megatron checkpoint (no config.json)", file=sys.stderr)
+        return 2
     from megatron_bdlora.parallel import silence_expected_warnings
 
     silence_expected_warnings()
@@ -84,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
-    if not (args.megatron_dir / "config.json").is_file():
-        print(f"error: {args.megatron_dir} is not a megatron checkpoint (no config.json)", file=sys.stderr)
-        return 2
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         info = init_parallel(tp_size=tp)

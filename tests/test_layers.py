@@ -125,12 +125,31 @@ def _cases(tp):
     return cases
 
 
+def layer_worker(info, cases, counted_shape):
+    """One spawn per TP degree for both tests below: forward/backward cases, and collectives (TP > 1)."""
+    return dict(cases=forward_backward_worker(info, cases),
+                collectives=collective_count_worker(info, *counted_shape) if counted_shape else None)
+
+
+@pytest.fixture(scope="module")
+def layer_runs():
+    """tp -> every rank's layer_worker results, computed once per TP degree."""
+    cache: dict[int, list] = {}
+
+    def run(tp: int) -> list:
+        if tp not in cache:
+            cache[tp] = run_distributed(layer_worker, tp, _cases(tp), (16, 32, 8) if tp > 1 else None)
+        return cache[tp]
+
+    return run
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_forward_and_gradients_match_dense_float64_reference(tp):
+def test_forward_and_gradients_match_dense_float64_reference(layer_runs, tp):
     from megatron_bdlora.sharding import ShardingPlan
 
     cases = _cases(tp)
-    per_rank = run_distributed(forward_backward_worker, tp, cases)
+    per_rank = [r["cases"] for r in layer_runs(tp)]
     for i, (kind, mode, d_in, d_out, rank, nblocks, seed, rslora) in enumerate(cases):
         nb = nblocks or tp
         ref = _reference(kind, mode, d_in, d_out, rank, nb, tp, seed, rslora)
@@ -182,8 +201,8 @@ def collective_count_worker(info, d_in, d_out, rank):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_collectives_added_by_each_mode(tp):
-    results = run_distributed(collective_count_worker, tp, 16, 32, 8)
+def test_collectives_added_by_each_mode(layer_runs, tp):
+    results = [r["collectives"] for r in layer_runs(tp)]
     for res in results:
         for kind in KINDS:
             base_f, base_b = res[(kind, None)]
