@@ -688,7 +688,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     axes[2].set_title("request latency, s")
     axes[2].legend()
     for ax in axes:
-        ax.set_xticks(list(x), labels)
+        ax.set_xticks(list(x), labels, rotation=25, ha="right", fontsize=8)  # long --paper-ranks labels
     fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
