@@ -13,9 +13,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-DUMP_KINDS = ("weights", "grads", "exp_avg")  # before the step; accumulated, before clipping; after the step
-
-
 def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
     """This rank's whole (TP-local) accumulated gradient, assembled from ZeRO partitions (collective over DP)."""
     from deepspeed.utils import safe_get_full_grad
