@@ -47,7 +47,7 @@ def text_data(demo_data) -> list[str]:
     return [f"data.train={demo_data / 'milton' / 'train.txt'}", f"data.valid={demo_data / 'milton' / 'valid.txt'}"]
 
 
-def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_data):
+def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_data, monkeypatch, capsys):
     """16 steps straight vs the same run killed while writing its step-16 checkpoint, then resumed from step 8;
     resuming at another layout is refused before any process group, and its way out (a new run from the adapter at
     another TP) carries the weights over exactly."""
@@ -67,11 +67,10 @@ def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_da
     assert (ckpts / "latest").read_text().strip() == "step_000008", "a half-written checkpoint was published"
     assert (ckpts / "step_000016.tmp").is_dir() and not (ckpts / "step_000016").exists()
 
-    cmd = [sys.executable, "-m", "megatron_bdlora.train", "--config", str(TINY), "--resume", *common, f"logging.dir={crashed}", "parallel.tp=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "at tp=1 x dp=1 (world size 1): it was written at tp=2 x dp=1 (world size 2)" in proc.stderr, proc.stderr[-2000:]
-    assert f"lora.init={ckpts / 'step_000008' / 'adapter'}" in proc.stderr
+    code, err = _train_main(["--resume", *common, f"logging.dir={crashed}", "parallel.tp=1"], 1, monkeypatch, capsys)
+    assert code == 2, err[-2000:]
+    assert "at tp=1 x dp=1 (world size 1): it was written at tp=2 x dp=1 (world size 2)" in err, err[-2000:]
+    assert f"lora.init={ckpts / 'step_000008' / 'adapter'}" in err
 
     train(2, TINY, common + [f"logging.dir={crashed}"], resume=True)
     got = losses(crashed)
@@ -85,14 +84,23 @@ def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_da
     from megatron_bdlora.checkpoint.adapters import load_native
 
     init = [f"lora.init={straight / 'adapter'}", "parallel.tp=1", "schedule.train_steps=1", "schedule.warmup_steps=0"]
-    cmd = [sys.executable, "-m", "megatron_bdlora.train", "--config", str(TINY), *text_data, *init, "lora.rank=4"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"})
-    assert proc.returncode == 2 and "other LoRA settings" in proc.stderr and "'rank': (8, 4)" in proc.stderr, proc.stderr[-2000:]
+    code, err = _train_main([*text_data, *init, "lora.rank=4"], 1, monkeypatch, capsys)
+    assert code == 2 and "other LoRA settings" in err and "'rank': (8, 4)" in err, err[-2000:]
     restarted = tmp_path / "restarted"
     train(1, TINY, text_data + init + ["optimizer.lr=0", "checkpoint.every=0", f"logging.dir={restarted}"])
     before, after = load_native(straight / "adapter"), load_native(restarted / "adapter")
     assert after.tp == 1 and before.factors.keys() == after.factors.keys()
     assert all(torch.equal(x, y) for k in before.factors for x, y in zip(before.factors[k], after.factors[k]))
+
+
+def _train_main(args: list[str], world: int, monkeypatch, capsys) -> tuple[int, str]:
+    """megatron_bdlora.train's main in this process, as rank 0 of `world` (config errors come before any group)."""
+    from megatron_bdlora.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = main(["--config", str(TINY), *args])
+    assert not torch.distributed.is_initialized(), "a process group was created before the error"
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -104,13 +112,9 @@ def test_resume_after_a_crash_mid_checkpoint_continues_exactly(tmp_path, text_da
         (["data.train=/nonexistent/train.txt"], "data file /nonexistent/train.txt does not exist"),
     ],
 )
-def test_bad_configuration_fails_before_any_process_group(overrides, message, text_data):
-    cmd = [sys.executable, "-m", "megatron_bdlora.train", "--config", str(TINY), *text_data, *overrides]
-    world = "3" if "parallel.tp=3" in overrides else "2"
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": world})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and "init_process_group" not in proc.stderr
+def test_bad_configuration_fails_before_any_process_group(overrides, message, text_data, monkeypatch, capsys):
+    code, err = _train_main(text_data + overrides, 3 if "parallel.tp=3" in overrides else 2, monkeypatch, capsys)
+    assert code == 2 and message in err, err[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -137,12 +141,11 @@ def test_missing_data_file_of_a_shipped_config_says_how_to_make_it(config, demo_
         assert train.relative_to(train.parts[0]).as_posix() in manifest["files"]
 
 
-def test_empty_data_set_is_rejected_by_name(tmp_path):
+def test_empty_data_set_is_rejected_by_name(tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    cmd = [sys.executable, "-m", "megatron_bdlora.train", "--config", str(TINY), f"data.train={empty}", "data.valid=null"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "2"})
-    assert proc.returncode == 2 and str(empty) in proc.stderr and "Traceback" not in proc.stderr
+    code, err = _train_main([f"data.train={empty}", "data.valid=null"], 2, monkeypatch, capsys)
+    assert code == 2 and str(empty) in err, err[-2000:]
 
 
 def test_bfloat16_run_trains_and_its_adapter_is_saved_and_exported_to_peft_exactly(tmp_path, text_data):
