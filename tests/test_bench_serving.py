@@ -31,7 +31,7 @@ FLAGS = ("--tp", "--modes", "--peft", "--json", "--plot", "--num-requests", "--n
          "--popularity-alpha", "--arrival", "--rate", "--prompt-len", "--output-len", "--seed", "--model", "--layers",
          "--hidden", "--intermediate", "--heads", "--kv-heads", "--max-num-seqs", "--max-num-batched-tokens",
          "--max-loras", "--max-model-len", "--kv-cache-gb", "--block-size", "--threads", "--warmup", "--repeats",
-         "--model-shape", "--paper-ranks", "--profile")
+         "--model-shape", "--paper-ranks", "--bd-ranks", "--profile")
 
 
 def _start(*args: str) -> subprocess.Popen:

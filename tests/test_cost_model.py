@@ -1,6 +1,6 @@
 """tools/cost_model.py: the collectives and LoRA bytes it charges each mode, worked out by hand from the shapes; its
 line fit; the direction of its predictions. (Its `measure` run spawns ranks for ~15 s: exercised by hand, with its
-output in docs/machine_tp*_noisy.json, not in the suite.)"""
+output in docs/machine_tp*.json, not in the suite.)"""
 
 from __future__ import annotations
 

@@ -138,7 +138,8 @@ def adapter_variants(args: argparse.Namespace, hf_config: dict) -> dict:
     r, tp = args.adapter_rank, args.tp
     if not args.paper_ranks:
         return {"bd": LoRASettings(rank=r, alpha=2.0 * r, nblocks=tp)}
-    bd = dict(zip(BD_PAPER_RANKS, (2 * r, 4 * r, match_bd_rank(hf_config, ALL_TARGETS, tp, r))))
+    ranks = dict(zip(BD_PAPER_RANKS, (2 * r, 4 * r, match_bd_rank(hf_config, ALL_TARGETS, tp, r))))
+    bd = {name: ranks[name] for name in args.bd_ranks}
     return {"lora": LoRASettings(rank=r, alpha=2.0 * r, mode="replicated")} | {
         name: LoRASettings(rank=rank, alpha=2.0 * rank, nblocks=tp) for name, rank in bd.items()}
 
@@ -153,7 +154,7 @@ def system_specs(args: argparse.Namespace, variants: dict) -> dict[str, dict]:
         if not args.paper_ranks:
             out[m] = dict(label=LABELS[m], mode=m, variant="bd")
         elif m == "block_diagonal":
-            for v in BD_PAPER_RANKS:
+            for v in args.bd_ranks:
                 out[v] = dict(label=f"BD {v[3:]} (r={variants[v].rank})", mode=m, variant=v)
         else:
             out[m] = dict(label=f"{LABELS[m]} (r={variants['lora'].rank})", mode=m, variant="lora")
@@ -775,6 +776,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--paper-ranks", action="store_true",
                    help="the paper's comparison: plain LoRA at r in S-LoRA / replicated vs BD at 2r, 4r and LoRA's "
                         "parameter count (rank-match at this TP), instead of one BD adapter set converted exactly")
+    w.add_argument("--bd-ranks", default=",".join(r[3:] for r in BD_PAPER_RANKS),
+                   help="with --paper-ranks: which BD systems to run, comma-separated from 2r, 4r, matched (default: all "
+                        "three; fewer make a sweep cheaper)")
     w.add_argument("--popularity-alpha", type=float, default=1.0,
                    help="power-law (Zipf) popularity of the adapters as in S-LoRA's benchmark: adapter k is drawn with "
                    "weight 1/(k+1)^alpha; 0 = uniform (default 1.0)")
@@ -825,6 +829,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.modes if s not in MODES + (NONE,)]
     if unknown or not args.modes or len(set(args.modes)) != len(args.modes):
         p.error(f"--modes must be distinct names from {list(MODES + (NONE,))}, got {args.modes}")
+    args.bd_ranks = [f"bd_{s.strip()}" for s in args.bd_ranks.split(",") if s.strip()]
+    if not args.bd_ranks or len(set(args.bd_ranks)) != len(args.bd_ranks) or set(args.bd_ranks) - set(BD_PAPER_RANKS):
+        p.error(f"--bd-ranks must be distinct names from {[r[3:] for r in BD_PAPER_RANKS]}, got {[r[3:] for r in args.bd_ranks]}")
     for flag in ("tp", "num_requests", "num_adapters", "adapter_rank", "layers", "hidden", "intermediate", "heads",
                  "kv_heads", "max_num_seqs", "repeats"):
         if getattr(args, flag) < 1:
