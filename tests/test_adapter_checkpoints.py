@@ -6,13 +6,14 @@ non-zero factors: BD-LoRA (nblocks 4), plain LoRA, and plain LoRA whose factors 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
 import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import peft
@@ -403,19 +404,33 @@ def _assert_clean_failure(proc: subprocess.CompletedProcess, out: Path, needles:
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
+def _run_tool_in_process(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """The tool's main() in this process, with what its process would exit with and print on stderr: sys.exit("msg")
+    prints msg and exits 1. Any other exception propagates, i.e. would have been a traceback. (The CLI's own exit
+    path is exercised by the subprocess runs below; this spares a torch import per case.)"""
+    err, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            _tool_module(tool).main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    return subprocess.CompletedProcess([tool, *map(str, args)], code, "", err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def import_failures(assets, tmp_path_factory):
-    """Every IMPORT_CASES run through the CLI, a few processes at a time (each pays the torch import)."""
+    """Every IMPORT_CASES run through the import tool's main()."""
     def run(case):
         tmp = tmp_path_factory.mktemp(case)
         prepare, extra, _ = IMPORT_CASES[case]
         args = {"--peft-dir": prepare(assets, tmp), "--base-config": assets["base_dir"], "--out-dir": tmp / "out",
                 "--tp": "4", "--mode": "block_diagonal"}
         args.update(dict(zip(extra[::2], [e.format(tmp=tmp) for e in extra[1::2]])))
-        return _run_tool("peft_import.py", *[x for kv in args.items() for x in kv]), tmp / "out"
+        return _run_tool_in_process("peft_import.py", *[x for kv in args.items() for x in kv]), tmp / "out"
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(IMPORT_CASES, pool.map(run, IMPORT_CASES)))
+    return {case: run(case) for case in IMPORT_CASES}
 
 
 @pytest.mark.parametrize("case", sorted(IMPORT_CASES))
@@ -478,14 +493,14 @@ def test_reshard_and_export_clis_reject_bad_native_checkpoints(assets, tmp_path)
 
     no_manifest = _copy(native, tmp_path / "no_manifest")
     (no_manifest / "adapter_manifest.json").unlink()
-    proc = _run_tool("reshard_adapter.py", "--adapter-dir", no_manifest, "--out-dir", tmp_path / "o3", "--tp", "1")
+    proc = _run_tool_in_process("reshard_adapter.py", "--adapter-dir", no_manifest, "--out-dir", tmp_path / "o3", "--tp", "1")
     _assert_clean_failure(proc, tmp_path / "o3", ["adapter_manifest.json"])
 
     swapped = _copy(native, tmp_path / "swapped")
     (swapped / rank_file_name(0)).rename(swapped / "tmp")
     (swapped / rank_file_name(1)).rename(swapped / rank_file_name(0))
     (swapped / "tmp").rename(swapped / rank_file_name(1))
-    proc = _run_tool("reshard_adapter.py", "--adapter-dir", swapped, "--out-dir", tmp_path / "o4", "--tp", "1")
+    proc = _run_tool_in_process("reshard_adapter.py", "--adapter-dir", swapped, "--out-dir", tmp_path / "o4", "--tp", "1")
     _assert_clean_failure(proc, tmp_path / "o4", [rank_file_name(0), "tp_rank=1"])
 
 
