@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "bench_sweep.py"
 TINY = ("--tp", "1", "--threads", "1", "--model", "random", "--layers", "2", "--hidden", "64", "--intermediate", "96",
         "--heads", "8", "--kv-heads", "4", "--num-adapters", "2", "--adapter-rank", "4", "--prompt-len", "4,8",
-        "--output-len", "3,5", "--warmup", "1", "--paper-ranks", "--bd-ranks", "2r,matched")
+        "--output-len", "3,5", "--warmup", "1", "--repeats", "2", "--paper-ranks", "--bd-ranks", "2r,matched")
 VALUES = (1, 3)
 
 
@@ -51,6 +51,9 @@ def test_table_ratios_are_the_points_own_measurements(sweep):
             o = systems[other]["metrics"]
             assert row[f"tokens_per_s_vs_{other}"] == pytest.approx(bd["tokens_per_s"] / o["tokens_per_s"], rel=1e-12)
             assert row[f"step_vs_{other}"] == pytest.approx(o["decode_step_ms_p50"] / bd["decode_step_ms_p50"], rel=1e-12)
+            per_repeat = sorted(a["decode_step_ms_p50"] / b["decode_step_ms_p50"]
+                                for a, b in zip(systems[other]["per_repeat"], systems[row["bd"]]["per_repeat"]))
+            assert len(per_repeat) == 2 and row[f"paired_step_vs_{other}"] == pytest.approx(sum(per_repeat) / 2, rel=1e-12)
         assert f"{row['tokens_per_s_vs_slora']:.3f}" in sweep["stdout"]
     assert sweep["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

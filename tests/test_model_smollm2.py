@@ -73,7 +73,8 @@ def smollm2_worker(info, meg_dir, chats, pad, adapters, new_tokens):
             logits = forward_logits(model, ids, mask)
         if settings is None:
             out["base"] = logits
-            out["generated"] = [greedy_generate(model, [c], new_tokens, eos_ids=set())[0] for c in chats[:3]]
+            # the three prompts decoded as one left-padded batch (full recompute per token)
+            out["generated"] = greedy_generate(model, chats[:3], new_tokens, eos_ids=set(), pad_id=pad)
         else:
             out["adapters"].append(logits)
         del model

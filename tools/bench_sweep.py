@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,9 @@ def point_rows(value: int, result: dict, machine: cost_model.Machine | None, sta
             o = systems[other]["metrics"]
             row[f"tokens_per_s_vs_{other}"] = m["tokens_per_s"] / o["tokens_per_s"]
             row[f"step_vs_{other}"] = o[statistic] / m[statistic]
+            # per repeat, both systems ran in the same round (bench_serving interleaves them): drift cancels
+            pairs = zip(systems[other]["per_repeat"], systems[bd]["per_repeat"])
+            row[f"paired_step_vs_{other}"] = statistics.median(a[statistic] / b[statistic] for a, b in pairs)
         row["predicted_step_vs_slora"] = predicted.get(bd)
         row["collectives_per_decode_step"] = {n: sum((systems[n]["decode_collectives"] or {}).values()) for n in systems}
         row["outputs_identical_slora_replicated"] = result["agreement"].get("adapter_modes_identical")
@@ -98,19 +102,21 @@ def point_rows(value: int, result: dict, machine: cost_model.Machine | None, sta
 
 
 def format_table(axis: str, rows: list[dict]) -> str:
-    head = (axis, "BD system", "none ms", "BD ms", "S-LoRA ms", "repl ms", "BD/S-LoRA tok/s", "step", "predicted",
-            "BD/repl tok/s", "BD/none tok/s")
+    head = (axis, "BD system", "none ms", "BD ms", "S-LoRA ms", "repl ms", "vs S-LoRA: tok/s", "step", "step paired",
+            "predicted", "vs repl: tok/s", "step paired", "vs none: tok/s", "step paired")
     body = [(
         str(r["value"]), r["label"], *(f"{r['step_ms'][n]:.1f}" for n in ("none", r["bd"], "slora", "replicated")),
-        f"{r['tokens_per_s_vs_slora']:.3f}", f"{r['step_vs_slora']:.3f}",
+        f"{r['tokens_per_s_vs_slora']:.3f}", f"{r['step_vs_slora']:.3f}", f"{r['paired_step_vs_slora']:.3f}",
         "-" if r["predicted_step_vs_slora"] is None else f"{r['predicted_step_vs_slora']:.3f}",
-        f"{r['tokens_per_s_vs_replicated']:.3f}", f"{r['tokens_per_s_vs_none']:.3f}",
+        f"{r['tokens_per_s_vs_replicated']:.3f}", f"{r['paired_step_vs_replicated']:.3f}",
+        f"{r['tokens_per_s_vs_none']:.3f}", f"{r['paired_step_vs_none']:.3f}",
     ) for r in rows]
     return bench_serving._table(head, body)
 
 
 def plot(path: Path, axis: str, rows: list[dict], title: str) -> None:
-    """BD's ratios (> 1: BD faster) against the axis, one line per comparison and BD system."""
+    """Each system's decode step over BD's (paired per repeat; > 1: BD faster) against the axis, and the cost
+    model's S-LoRA / BD prediction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,17 +127,17 @@ def plot(path: Path, axis: str, rows: list[dict], title: str) -> None:
         mine = [r for r in rows if r["bd"] == bd]
         x = [r["value"] for r in mine]
         label = mine[0]["label"]
-        ax.plot(x, [r["tokens_per_s_vs_slora"] for r in mine], "o-", label=f"{label} / S-LoRA, tok/s")
+        ax.plot(x, [r["paired_step_vs_slora"] for r in mine], "o-", label=f"S-LoRA / {label}, decode step")
         if all(r["predicted_step_vs_slora"] is not None for r in mine):
-            ax.plot(x, [r["predicted_step_vs_slora"] for r in mine], "o--", label=f"{label} / S-LoRA, cost model")
-        ax.plot(x, [r["tokens_per_s_vs_replicated"] for r in mine], "s-", label=f"{label} / replicated, tok/s")
-        ax.plot(x, [r["tokens_per_s_vs_none"] for r in mine], "^-", label=f"{label} / no adapter, tok/s")
+            ax.plot(x, [r["predicted_step_vs_slora"] for r in mine], "o--", label=f"S-LoRA / {label}, cost model")
+        ax.plot(x, [r["paired_step_vs_replicated"] for r in mine], "s-", label=f"replicated / {label}, decode step")
+        ax.plot(x, [r["paired_step_vs_none"] for r in mine], "^-", label=f"no adapter / {label}, decode step")
     ax.axhline(1.0, color="grey", lw=0.8)
     if axis == "batch":
         ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["value"] for r in rows}), [str(v) for v in sorted({r["value"] for r in rows})])
     ax.set_xlabel({"batch": "decode batch (requests per step)", "adapters": "adapters", "layers": "decoder layers"}[axis])
-    ax.set_ylabel("ratio (> 1: BD faster)")
+    ax.set_ylabel("other system's step / BD's (> 1: BD faster)")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8, wrap=True)
     fig.tight_layout()
