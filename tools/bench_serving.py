@@ -468,7 +468,7 @@ def format_profiles(rows: dict[str, dict]) -> str:
             continue
         lines.append(f"{row['label']}: {prof['self_cpu_ms_per_step']:.1f} ms self CPU per engine step "
                      f"({prof['engine_steps']} steps, rank 0, under torch.profiler)")
-        lines.append(_table(("op", "calls/step", "ms/step", "share"),
+        lines.append(fixed_width_table(("op", "calls/step", "ms/step", "share"),
                             [(o["name"][:48], f"{o['calls_per_step']:.1f}", f"{o['ms_per_step']:.1f}", f"{100 * o['share']:.1f}%")
                              for o in prof["ops"]]))
         lines.append("")
@@ -612,7 +612,8 @@ def collectives_label(counts: dict | None) -> str:
     return f"{total} ({'+'.join(parts)})"
 
 
-def _table(head: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+def fixed_width_table(head: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    """Left-aligned first column, right-aligned numbers; pastes into Markdown as a code block."""
     widths = [max(len(c) for c in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(b) for b in body])
@@ -631,7 +632,7 @@ def format_systems(rows: list[dict]) -> str:
             f"{m['decode_step_ms_p50']:.1f}", f"{m['latency_s_p50']:.2f}", f"{m['latency_s_p99']:.2f}", f"{m['engine_steps']:g}",
             collectives_label(r["decode_collectives"]),
         ))
-    return _table(head, body)
+    return fixed_width_table(head, body)
 
 
 def format_ratios(rows: list[dict]) -> str:
@@ -644,7 +645,7 @@ def format_ratios(rows: list[dict]) -> str:
         "-" if r["target_tokens_per_s_ratio"] is None else f">= {r['target_tokens_per_s_ratio']}",
         "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
     ) for r in rows]
-    return _table(head, body)
+    return fixed_width_table(head, body)
 
 
 def format_agreement(check: dict, labels: dict[str, str]) -> str:

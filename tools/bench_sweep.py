@@ -111,7 +111,7 @@ def format_table(axis: str, rows: list[dict]) -> str:
         f"{r['tokens_per_s_vs_replicated']:.3f}", f"{r['paired_step_vs_replicated']:.3f}",
         f"{r['tokens_per_s_vs_none']:.3f}", f"{r['paired_step_vs_none']:.3f}",
     ) for r in rows]
-    return bench_serving._table(head, body)
+    return bench_serving.fixed_width_table(head, body)
 
 
 def plot(path: Path, axis: str, rows: list[dict], title: str) -> None:
