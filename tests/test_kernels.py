@@ -67,3 +67,17 @@ def test_bf16_on_gpu_matches_float64(kernels):
     kernels.expand(z, b, views_b, scalings, batch, out, OutputLayout.contiguous(40))
     want = _reference_expand(torch.zeros(len(slot_ids), 40), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, OutputLayout.contiguous(40))
     assert (out.cpu().double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_the_repository_root_shadows_no_installed_distribution():
+    """Every command run from the repository root has it first on sys.path, so a package or module there hides an
+    installed one of the same name: a top-level kernels/ folder once hid Hugging Face's `kernels` (imported by
+    transformers >= 5.25), and `from transformers import LlamaConfig` failed for make test, make demo and torchrun.
+    Folders without __init__.py are namespace portions, which an installed regular package outranks."""
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    importable = {p.stem for p in root.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"}
+    shadowed = sorted(name for name in importable - {"megatron_bdlora"} if name in packages_distributions())
+    assert not shadowed, f"{root} holds {shadowed}, which hide the installed packages of those names"
