@@ -35,16 +35,17 @@ def test_slora_pays_an_all_gather_per_column_pair_and_an_all_reduce_per_row_laye
 
 
 def test_lora_bytes_follow_each_modes_local_shards(cm):
-    r, tp, n, adapters, es = 8, 2, 4, 3, 2
+    r, tp, n, reads, es = 8, 2, 4, 3, 2
     only_q = ("q_proj",)  # column, d_in = D, d_out = HEADS * head_dim = D
-    slora = cm.lora_work(CONFIG, LoRASettings(rank=r, mode="slora", targets=only_q), tp, n, adapters, es)
-    bd = cm.lora_work(CONFIG, LoRASettings(rank=2 * r, nblocks=tp, targets=only_q), tp, n, adapters, es)
+    slora = cm.lora_work(CONFIG, LoRASettings(rank=r, mode="slora", targets=only_q), tp, n, reads, es)
+    bd = cm.lora_work(CONFIG, LoRASettings(rank=2 * r, nblocks=tp, targets=only_q), tp, n, reads, es)
     # S-LoRA rank r: A rows r/tp of [r, D], B rows D/tp of [D, r]; BD rank 2r: A rows 2r/tp, B block [D/tp, 2r/tp]
     slora_factors = (r // tp) * D + (D // tp) * r
     bd_factors = (2 * r // tp) * D + (D // tp) * (2 * r // tp)
     activations = n * (D + D // tp)
-    assert slora == (LAYERS * es * (adapters * slora_factors + 2 * activations), LAYERS * 2 * n * slora_factors, LAYERS)
-    assert bd == (LAYERS * es * (adapters * bd_factors + 2 * activations), LAYERS * 2 * n * bd_factors, LAYERS)
+    # every token reads its own adapter's factors `reads` times (the gathered BGMV path)
+    assert slora == (LAYERS * es * (reads * n * slora_factors + 2 * activations), LAYERS * 2 * n * slora_factors, LAYERS)
+    assert bd == (LAYERS * es * (reads * n * bd_factors + 2 * activations), LAYERS * 2 * n * bd_factors, LAYERS)
 
 
 def test_line_fit_recovers_latency_and_bandwidth(cm):
@@ -62,3 +63,25 @@ def test_predictions_grow_with_collective_latency_and_bd_issues_none(cm):
     slow = cm.Machine(**{**cm.asdict(machine), "latency_us": {k: 3 * v for k, v in machine.latency_us.items()}})
     slower = cm.predict("llama-3.1-8b", 8, slow, [8], 16)
     assert all(b["predicted_ratio"] > a["predicted_ratio"] > 1 for a, b in zip(rows, slower))
+
+
+def test_in_loop_latency_replaces_alpha_at_the_steps_segment_length(cm):
+    isolated = cm.PUBLISHED["a100-nvlink"]
+    table = ((100.0, 300.0), (10000.0, 1500.0))  # (segment us, us per added collective)
+    looped = cm.Machine(**{**cm.asdict(isolated), "in_loop_latency_us": table})
+    beta_us = 4096 / (isolated.bandwidth_gbs["all_gather"] * 1e3)
+    assert looped.collective_us("all_gather", 4096) == pytest.approx(isolated.latency_us["all_gather"] + beta_us)
+    # piecewise linear in log(segment): 1000 us is halfway between 100 and 10000; flat outside
+    assert looped.collective_us("all_gather", 4096, 1000.0) == pytest.approx(900.0 + beta_us)
+    assert looped.collective_us("all_gather", 4096, 10.0) == pytest.approx(300.0 + beta_us)
+    assert looped.collective_us("all_gather", 4096, 1e6) == pytest.approx(1500.0 + beta_us)
+    # a step's segment is its base step over the 2 base all-reduces per layer: 2 ms over 3 layers -> 333 us
+    r, tp, n = 8, 2, 4
+    slora = LoRASettings(rank=r, mode="slora")
+    base_ms = 2.0
+    step = cm.predict_step(CONFIG, slora, tp, n, looped, base_ms, 4)
+    colls = cm.collectives_per_step(CONFIG, slora, tp, n, 4)
+    want = sum(looped.collective_us(k, b, base_ms * 1e3 / (2 * LAYERS)) for k, b in colls) / 1e3
+    assert step["collectives_ms"] == pytest.approx(want)
+    assert step["collectives_ms"] > cm.predict_step(CONFIG, slora, tp, n, isolated, base_ms, 4)["collectives_ms"]
+    assert cm.predict_step(CONFIG, LoRASettings(rank=2 * r, nblocks=tp), tp, n, looped, base_ms, 4)["collectives_ms"] == 0

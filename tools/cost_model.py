@@ -4,16 +4,20 @@
     python tools/cost_model.py validate --bench runs/paper_tp2_8b.json --machine runs/machine_tp2.json
     python tools/cost_model.py predict --model llama-3.1-8b --tp 8 --machine a100-nvlink --json runs/predict_8b.json
 
-Per decode step of n tokens over a adapters, on one TP rank:
+Per decode step of n tokens, on one TP rank:
     T(mode) = T_base + sum over layers and targets [ c_branch + max(bytes / BW, flops / F) ]
-                     + sum over the plan's collectives [ alpha_kind + message bytes / beta_kind ]
-bytes: the active adapters' local factor slices (ShardingPlan.local_shape) plus the branch's activations; flops:
-2 n (A + B local elements per adapter) (adapters share the n tokens); collectives: one per fused megatron layer whose
+                     + sum over the plan's collectives [ alpha_kind(segment) + message bytes / beta_kind ]
+bytes: every token's own adapter's local factor slices (ShardingPlan.local_shape), read k times (BGMV: the torch path
+gathers them per token, [n, r, d], and multiplies: k = 3; a fused kernel reads them once: k = 1), plus the branch's
+activations; flops: 2 n (A + B local elements per adapter); collectives: one per fused megatron layer whose
 plan has one (S-LoRA: all-gather after qkv and gate/up, all-reduce after o and down), message n x local rank
 space. BW, F and c_branch (the fixed cost of one projection's shrink + expand: dispatch and launches) and
 (alpha, beta) per collective kind are measured here (`measure`: a sweep of all-reduce / all-gather sizes on the
 TP group, a copy, a skinny matmul, the LoRA ops at tiny size) or given for hardware we do not have (`predict`
-with the published-figure machines below). T_base: `validate` takes the measured no-adapter decode step of the
+with the published-figure machines below). A collective inside a step also waits for the slowest rank to finish
+the compute before it, which back-to-back collectives never do: `measure` times that too (S-LoRA's pattern of
+collectives after matmul segments of several lengths, against the same segments without them), and alpha then
+is that in-loop cost at the step's segment length (its base step over its 2 base all-reduces per layer). T_base: `validate` takes the measured no-adapter decode step of the
 benchmark run; `predict` models it as the rank's weight bytes over HBM bandwidth plus the base layers' two
 all-reduces per layer (a lower bound: no kernel-launch, attention or scheduler time).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -29,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # spawned ranks import measure_worker from this file by module name
@@ -43,6 +49,9 @@ from megatron_bdlora.targets import llama_projections, lora_plan  # noqa: E402
 
 KINDS = {Collective.ALL_REDUCE: "all_reduce", Collective.ALL_GATHER: "all_gather"}
 SWEEP_BYTES = [2**k for k in range(6, 21, 2)]  # 64 B .. 1 MiB: the rank-space messages of decode and prefill
+# in-loop collectives: compute segments of n decode-shaped matmuls ([8, 1024] @ [1024, 1024]), ~1-40 ms here;
+# longer segments are held at the last point (their rounds spread by more than the collective costs)
+SEGMENT_MATMULS = (1, 4, 16, 64)
 PAPER = {"llama-3.1-8b": {"2r": 1.63, "4r": 1.30}, "llama-3.1-70b": {"2r": 1.79, "4r": 1.23}}  # BD / S-LoRA, 8xA100
 
 
@@ -55,11 +64,21 @@ class Machine:
     mem_bandwidth_gbs: float  # streaming reads (factors, weights)
     matmul_gflops: float  # skinny (decode-shaped) matmuls
     branch_overhead_us: float  # fixed cost of one projection's LoRA shrink + expand
+    factor_reads_per_token: float  # k: passes over each token's own factors (torch path 3, a fused kernel 1)
     latency_us: dict  # collective kind -> alpha
     bandwidth_gbs: dict  # collective kind -> beta (message bytes / (t - alpha))
+    # (compute segment us, us per collective) measured inside a compute loop; empty: use latency_us
+    in_loop_latency_us: tuple = ()
 
-    def collective_us(self, kind: str, message_bytes: int) -> float:
-        return self.latency_us[kind] + message_bytes / (self.bandwidth_gbs[kind] * 1e3)
+    def collective_us(self, kind: str, message_bytes: int, segment_us: float | None = None) -> float:
+        """One collective's time; after a compute segment of segment_us, its in-loop latency where measured."""
+        alpha = self.latency_us[kind]
+        if self.in_loop_latency_us and segment_us is not None:
+            points = sorted(self.in_loop_latency_us)
+            # piecewise linear in log(segment), held flat beyond the measured range
+            alpha = float(np.interp(math.log(max(segment_us, 1e-3)), [math.log(p[0]) for p in points],
+                                    [p[1] for p in points]))
+        return alpha + message_bytes / (self.bandwidth_gbs[kind] * 1e3)
 
 
 # Published figures (a stated source each; the latency is the least certain number: see `predict`'s sweep).
@@ -74,6 +93,7 @@ PUBLISHED = {
         mem_bandwidth_gbs=2039.0,
         matmul_gflops=312e3,
         branch_overhead_us=8.0,
+        factor_reads_per_token=1.0,
         latency_us={"all_reduce": 15.0, "all_gather": 15.0},
         bandwidth_gbs={"all_reduce": 230.0, "all_gather": 230.0},
     ),
@@ -102,31 +122,34 @@ def collectives_per_step(hf_config: dict, settings: LoRASettings, tp: int, token
     return out * hf_config["num_hidden_layers"]
 
 
-def lora_work(hf_config: dict, settings: LoRASettings, tp: int, tokens: int, adapters: int, elem_bytes: int) -> tuple[int, int, int]:
-    """(bytes, flops, branches) of one rank's LoRA branches in one forward of `tokens` tokens over `adapters` adapters."""
+def lora_work(hf_config: dict, settings: LoRASettings, tp: int, tokens: int, factor_reads: float,
+              elem_bytes: int) -> tuple[float, int, int]:
+    """(bytes, flops, branches) of one rank's LoRA branches in one forward of `tokens` tokens, each token reading its
+    own adapter's factors `factor_reads` times."""
     per_layer_bytes = per_layer_flops = 0
     for t in settings.targets:
         plan = lora_plan(hf_config, t, settings, tp)
         a, b = plan.a.local_shape, plan.b.local_shape
         factors = a[0] * a[1] + b[0] * b[1]
         activations = tokens * (a[1] * plan.a.local_blocks + b[0])  # x read, output read + written (once)
-        per_layer_bytes += elem_bytes * (adapters * factors + 2 * activations)
+        per_layer_bytes += elem_bytes * (factor_reads * tokens * factors + 2 * activations)
         per_layer_flops += 2 * tokens * factors
     layers = hf_config["num_hidden_layers"]
     return per_layer_bytes * layers, per_layer_flops * layers, len(settings.targets) * layers
 
 
-def predict_step(hf_config: dict, settings: LoRASettings | None, tp: int, tokens: int, adapters: int,
-                 machine: Machine, base_ms: float, elem_bytes: int) -> dict:
+def predict_step(hf_config: dict, settings: LoRASettings | None, tp: int, tokens: int, machine: Machine,
+                 base_ms: float, elem_bytes: int) -> dict:
     """Milliseconds of one decode step in a mode (settings None: no adapter), split into its terms."""
     if settings is None:
         return dict(base_ms=base_ms, lora_ms=0.0, collectives_ms=0.0, collectives=0, total_ms=base_ms)
-    nbytes, flops, branches = lora_work(hf_config, settings, tp, tokens, adapters, elem_bytes)
+    nbytes, flops, branches = lora_work(hf_config, settings, tp, tokens, machine.factor_reads_per_token, elem_bytes)
     per_branch_us = [machine.branch_overhead_us] * branches
     lora_ms = (sum(per_branch_us) + max(nbytes / (machine.mem_bandwidth_gbs * 1e3),
                                         flops / (machine.matmul_gflops * 1e3))) / 1e3
     colls = collectives_per_step(hf_config, settings, tp, tokens, elem_bytes)
-    coll_ms = sum(machine.collective_us(kind, size) for kind, size in colls) / 1e3
+    segment_us = base_ms * 1e3 / (2 * hf_config["num_hidden_layers"])  # compute between two base all-reduces
+    coll_ms = sum(machine.collective_us(kind, size, segment_us) for kind, size in colls) / 1e3
     return dict(base_ms=base_ms, lora_ms=lora_ms, collectives_ms=coll_ms, collectives=len(colls),
                 total_ms=base_ms + lora_ms + coll_ms)
 
@@ -181,9 +204,61 @@ def measure_worker(info, threads: int, reps: int) -> dict:
             dist.barrier()
             points.append((size * (info.tp_size if kind == "all_gather" else 1), _median_us(fn, reps)))
         sweep[kind] = points
+    in_loop = in_loop_latency(info.tp_size, group, reps)
     if info.rank != 0:
         return {}
-    return dict(sweep=sweep, **local_rates(reps))
+    return dict(sweep=sweep, in_loop=in_loop, **local_rates(reps))
+
+
+def in_loop_latency(tp: int, group, reps: int, seconds_per_point: float = 5.0) -> list[tuple[float, float]]:
+    """(segment us, extra us per collective) of S-LoRA's collectives after compute segments of each length.
+
+    A decode step alternates compute segments with the base layers' all-reduces. S-LoRA adds an all-gather inside
+    a segment (after qkv or gate/up, ~0.6 of it) and an all-reduce just before the base one (after o or down).
+    Both patterns run interleaved on every rank; their difference in one round, halved, is what one added
+    collective costs once the ranks arrive at it at different times (median over rounds). It is noisy, so each point runs at
+    least `reps` rounds and as many as fill `seconds_per_point` (rank 0's estimate, the same count on every rank).
+    """
+    import torch.distributed as dist
+
+    x, w = torch.randn(8, 1024), torch.randn(1024, 1024)
+    base, small = torch.zeros(8 * 1024), torch.zeros(8 * 64)  # a base all-reduce; a rank-space intermediate
+    gathered = torch.empty(small.numel() * tp)
+
+    def compute(n: int) -> None:
+        for _ in range(n):
+            torch.matmul(x, w)
+
+    def base_only(n: int) -> None:
+        compute(n)
+        dist.all_reduce(base, group=group)
+
+    def with_slora(n: int) -> None:
+        first = max(1, round(0.6 * n))
+        compute(first)
+        dist.all_gather_into_tensor(gathered, small, group=group)
+        compute(n - first)
+        dist.all_reduce(small, group=group)
+        dist.all_reduce(base, group=group)
+
+    points = []
+    for n in SEGMENT_MATMULS:
+        t = time.perf_counter()
+        with_slora(n)
+        rounds = torch.tensor([max(reps, min(1000, int(seconds_per_point / (3 * (time.perf_counter() - t)))))])
+        dist.broadcast(rounds, src=0, group=group)
+        times = {"compute": [], "base": [], "slora": []}
+        dist.barrier(group=group)
+        for _ in range(int(rounds) + 1):  # the first round warms up
+            for name, fn in (("compute", compute), ("base", base_only), ("slora", with_slora)):
+                t = time.perf_counter()
+                fn(n)
+                times[name].append((time.perf_counter() - t) * 1e6)
+            dist.barrier(group=group)  # (compute alone ran unsynchronised; start the next round together)
+        # paired within each round (both patterns ran back to back), so drift of the machine cancels
+        extra = statistics.median(s - b for s, b in zip(times["slora"][1:], times["base"][1:])) / 2
+        points.append((statistics.median(times["compute"][1:]), extra))
+    return points
 
 
 def local_rates(reps: int) -> dict:
@@ -218,12 +293,16 @@ def measure(args: argparse.Namespace) -> dict:
         source="measured by tools/cost_model.py measure",
         mem_bandwidth_gbs=raw["mem_bandwidth_gbs"], matmul_gflops=raw["matmul_gflops"],
         branch_overhead_us=raw["branch_overhead_us"],
+        factor_reads_per_token=3.0,  # measure runs the torch path: gather each token's factors, then bmm
         latency_us={k: f[0] for k, f in fits.items()}, bandwidth_gbs={k: f[1] for k, f in fits.items()},
+        in_loop_latency_us=tuple(tuple(p) for p in raw["in_loop"]),
     )
     print(f"collective sweep at TP={args.tp} (message bytes: median us)")
     for kind, points in raw["sweep"].items():
         print(f"  {kind:11} " + "  ".join(f"{b}:{t:.0f}" for b, t in points)
               + f"   fit: {fits[kind][0]:.0f} us + bytes / {fits[kind][1]:.2f} GB/s")
+    print("  in the loop (compute segment us: us per added collective) "
+          + "  ".join(f"{s:.0f}:{t:.0f}" for s, t in machine.in_loop_latency_us))
     print(f"copy {machine.mem_bandwidth_gbs:.1f} GB/s, skinny matmul {machine.matmul_gflops:.1f} GFLOP/s, "
           f"LoRA branch fixed cost {machine.branch_overhead_us:.0f} us")
     return dict(machine=asdict(machine), sweep=raw["sweep"], tp=args.tp)
@@ -260,12 +339,12 @@ def validate(bench: dict, machine: Machine, statistic: str = "decode_step_ms_p10
         mode = served[name]["mode"] if served else name
         return LoRASettings(rank=s.rank, alpha=s.alpha, mode=mode, nblocks=s.nblocks if mode == "block_diagonal" else None)
 
-    slora = predict_step(hf_config, settings_of("slora"), tp, tokens, adapters, machine, base_ms, elem_bytes)
+    slora = predict_step(hf_config, settings_of("slora"), tp, tokens, machine, base_ms, elem_bytes)
     rows = []
     for name in systems:
         if not name.startswith(("bd", "block_diagonal")):
             continue
-        bd = predict_step(hf_config, settings_of(name), tp, tokens, adapters, machine, base_ms, elem_bytes)
+        bd = predict_step(hf_config, settings_of(name), tp, tokens, machine, base_ms, elem_bytes)
         measured = systems["slora"]["metrics"][statistic] / systems[name]["metrics"][statistic]
         predicted = slora["total_ms"] / bd["total_ms"]
         rows.append(dict(bd=name, label=systems[name]["label"], tp=tp, tokens=tokens, adapters=adapters,
@@ -286,12 +365,11 @@ def predict(model: str, tp: int, machine: Machine, tokens_list: list[int], lora_
     bd_ranks = {"2r": 2 * lora_rank, "4r": 4 * lora_rank, "matched": match_bd_rank(hf_config, ALL_TARGETS, tp, lora_rank)}
     rows = []
     for tokens in tokens_list:
-        adapters = tokens  # the paper's setting: every request its own adapter
         base = modelled_base_ms(hf_config, tp, tokens, machine, elem_bytes)
-        s = predict_step(hf_config, lora, tp, tokens, adapters, machine, base, elem_bytes)
+        s = predict_step(hf_config, lora, tp, tokens, machine, base, elem_bytes)
         for label, rank in bd_ranks.items():
-            bd = predict_step(hf_config, LoRASettings(rank=rank, alpha=2.0 * rank, nblocks=tp), tp, tokens, adapters,
-                              machine, base, elem_bytes)
+            bd = predict_step(hf_config, LoRASettings(rank=rank, alpha=2.0 * rank, nblocks=tp), tp, tokens, machine,
+                              base, elem_bytes)
             rows.append(dict(model=model, tp=tp, tokens=tokens, bd=label, bd_rank=rank, lora_rank=lora_rank,
                              predicted_ratio=s["total_ms"] / bd["total_ms"], paper_ratio=PAPER.get(model, {}).get(label),
                              bd_terms=bd, slora_terms=s))
@@ -315,10 +393,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--threads", type=int, default=1, help="torch threads per rank, as bench_serving uses (default 1)")
     m.add_argument("--reps", type=int, default=40, help="timed runs per point (median; default 40)")
     v = sub.add_parser("validate", help="predicted vs measured BD / S-LoRA decode-step ratio of a bench_serving JSON")
-    v.add_argument("--bench", type=Path, required=True, action="append", help="bench_serving.py JSON (repeatable)")
+    v.add_argument("--bench", type=Path, required=True, action="append",
+                   help="bench_serving.py or bench_sweep.py JSON (repeatable)")
     v.add_argument("--machine", required=True, action="append", help="measure's JSON for each --bench, in order")
     v.add_argument("--statistic", default="decode_step_ms_p10", choices=("decode_step_ms_p10", "decode_step_ms_p50"),
                    help="the measured decode-step time compared (default: p10, robust to other load on the machine)")
+    v.add_argument("--latency", choices=("in-loop", "isolated"), default="in-loop",
+                   help="collective latency charged: measured inside a compute loop (default) or back to back")
     r = sub.add_parser("predict", help="BD / S-LoRA at the paper's setting on hardware given by published figures")
     r.add_argument("--model", choices=sorted(PAPER), default="llama-3.1-8b", help="model shape (default llama-3.1-8b)")
     r.add_argument("--tp", type=int, default=8, help="TP degree (default 8)")
@@ -339,11 +420,19 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"give one --machine per --bench ({len(args.bench)} benches, {len(args.machine)} machines)")
         rows = []
         for bench_path, machine in zip(args.bench, args.machine):
-            rows += validate(json.loads(bench_path.read_text()), _load_machine(machine), args.statistic)
-        print(f"{'TP':>2} {'BD system':18} {'measured':>8} {'predicted':>9} {'error':>6}  (BD / S-LoRA decode step)")
+            data = json.loads(bench_path.read_text())
+            # a bench_sweep.py JSON holds one bench_serving result per point of its axis
+            points = [(f"{data['axis']}={p['value']}", p["result"]) for p in data["points"]] if "points" in data else [("", data)]
+            calibration = _load_machine(machine)
+            if args.latency == "isolated":
+                calibration = Machine(**{**asdict(calibration), "in_loop_latency_us": ()})
+            for point, result in points:
+                rows += [dict(r, bench=bench_path.name, point=point) for r in validate(result, calibration, args.statistic)]
+        print(f"{'bench':28} {'point':10} {'TP':>2} {'BD system':18} {'measured':>8} {'predicted':>9} {'error':>6}"
+              "  (BD / S-LoRA decode step)")
         for row in rows:
-            print(f"{row['tp']:>2} {row['label']:18} {row['measured_ratio']:8.3f} {row['predicted_ratio']:9.3f} "
-                  f"{100 * row['error']:5.1f}%")
+            print(f"{row['bench']:28} {row['point']:10} {row['tp']:>2} {row['label']:18} {row['measured_ratio']:8.3f} "
+                  f"{row['predicted_ratio']:9.3f} {100 * row['error']:5.1f}%")
         result = dict(rows=rows)
     else:
         machine = _load_machine(args.machine)
