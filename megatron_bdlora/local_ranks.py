@@ -1,6 +1,11 @@
 """Spawn N local gloo ranks (127.0.0.1, a free port) running one function; collect each rank's return value.
 
 Used by the tests and the single-machine benchmarks; real jobs are launched with torchrun or srun.
+
+Ranks fork from a fork server that has imported torch, megatron-core and our model once (and a script's own
+module, whose workers the ranks unpickle): a freshly spawned rank spends ~5 s on those imports on a 2-core
+machine, which the test suite would pay some forty times. multiprocessing hands each rank the caller's sys.path
+and working directory; the caller's environment is passed here, as the server's is that of when it started.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import os
 import queue as queue_module
 import socket
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.multiprocessing as mp
@@ -23,7 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, tp: int, fn: Callable, args: tuple, queue) -> None:
+# imported once by the fork server; "__main__" is a script's own module (a no-op under `python -m`)
+PRELOAD = ["__main__", "megatron_bdlora.parallel", "megatron_bdlora.model"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _entry(rank: int, world: int, port: int, tp: int, fn: Callable, args: tuple, queue, env: Mapping[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -43,11 +60,12 @@ def _entry(rank: int, world: int, port: int, tp: int, fn: Callable, args: tuple,
 
 def run_distributed(fn: Callable, world: int, *args: Any, tp: int | None = None, timeout: float = 600) -> list[Any]:
     """fn(ParallelInfo, *args) on `world` ranks (TP = tp or world); returns results in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
+    env = dict(os.environ)
     procs = [
-        ctx.Process(target=_entry, args=(r, world, port, tp or world, fn, args, queue), daemon=False)
+        ctx.Process(target=_entry, args=(r, world, port, tp or world, fn, args, queue, env), daemon=False)
         for r in range(world)
     ]
     for p in procs:
