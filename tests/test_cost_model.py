@@ -1,9 +1,10 @@
 """tools/cost_model.py: the collectives and LoRA bytes it charges each mode, worked out by hand from the shapes; its
-line fit; the direction of its predictions. (Its `measure` run spawns ranks for ~15 s: exercised by hand, with its
-output in docs/machine_tp*.json, not in the suite.)"""
+line fit; its in-loop latency lookup; the direction of its predictions. (Its `measure` run spawns ranks for ~40 s
+at TP=2: exercised by hand, with its output in docs/machine_tp*.json, not in the suite.)"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -85,3 +86,13 @@ def test_in_loop_latency_replaces_alpha_at_the_steps_segment_length(cm):
     assert step["collectives_ms"] == pytest.approx(want)
     assert step["collectives_ms"] > cm.predict_step(CONFIG, slora, tp, n, isolated, base_ms, 4)["collectives_ms"]
     assert cm.predict_step(CONFIG, LoRASettings(rank=2 * r, nblocks=tp), tp, n, looped, base_ms, 4)["collectives_ms"] == 0
+
+
+def test_a_machine_json_of_another_version_is_refused_naming_the_missing_keys(cm, tmp_path):
+    old = {k: v for k, v in cm.asdict(cm.PUBLISHED["a100-nvlink"]).items() if k not in ("factor_reads_per_token", "in_loop_latency_us")}
+    path = tmp_path / "machine.json"
+    path.write_text(json.dumps({"machine": old}))
+    with pytest.raises(SystemExit, match=r"machine\.json: key 'machine' lacks \['factor_reads_per_token'\]"):
+        cm._load_machine(str(path))
+    path.write_text(json.dumps({"machine": old | {"factor_reads_per_token": 3.0}}))
+    assert cm._load_machine(str(path)).in_loop_latency_us == ()  # a calibration without the in-loop table still loads

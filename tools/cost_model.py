@@ -17,9 +17,10 @@ TP group, a copy, a skinny matmul, the LoRA ops at tiny size) or given for hardw
 with the published-figure machines below). A collective inside a step also waits for the slowest rank to finish
 the compute before it, which back-to-back collectives never do: `measure` times that too (S-LoRA's pattern of
 collectives after matmul segments of several lengths, against the same segments without them), and alpha then
-is that in-loop cost at the step's segment length (its base step over its 2 base all-reduces per layer). T_base: `validate` takes the measured no-adapter decode step of the
-benchmark run; `predict` models it as the rank's weight bytes over HBM bandwidth plus the base layers' two
-all-reduces per layer (a lower bound: no kernel-launch, attention or scheduler time).
+is that in-loop cost at the step's segment length (its base step over its 2 base all-reduces per layer).
+T_base: `validate` takes the measured no-adapter decode step of the benchmark run; `predict` models it as the
+rank's weight bytes over HBM bandwidth plus the base layers' two all-reduces per layer (a lower bound: no
+kernel-launch, attention or scheduler time).
 """
 
 from __future__ import annotations
@@ -216,8 +217,9 @@ def in_loop_latency(tp: int, group, reps: int, seconds_per_point: float = 5.0) -
     A decode step alternates compute segments with the base layers' all-reduces. S-LoRA adds an all-gather inside
     a segment (after qkv or gate/up, ~0.6 of it) and an all-reduce just before the base one (after o or down).
     Both patterns run interleaved on every rank; their difference in one round, halved, is what one added
-    collective costs once the ranks arrive at it at different times (median over rounds). It is noisy, so each point runs at
-    least `reps` rounds and as many as fill `seconds_per_point` (rank 0's estimate, the same count on every rank).
+    collective costs once the ranks arrive at it at different times (median over rounds). It is noisy, so each
+    point runs at least `reps` rounds and as many as fill `seconds_per_point` (rank 0's estimate, the same count
+    on every rank).
     """
     import torch.distributed as dist
 
@@ -382,7 +384,12 @@ def _load_machine(value: str) -> Machine:
     path = Path(value)
     if not path.is_file():
         raise SystemExit(f"--machine {value!r}: neither a built-in machine {sorted(PUBLISHED)} nor a JSON file")
-    return Machine(**json.loads(path.read_text())["machine"])
+    fields = json.loads(path.read_text()).get("machine", {})
+    missing = [f for f in Machine.__dataclass_fields__ if f not in fields and f != "in_loop_latency_us"]
+    if missing:
+        raise SystemExit(f"--machine {path}: key 'machine' lacks {missing}: not the JSON of this version's "
+                         f"`cost_model.py measure` (run it again)")
+    return Machine(**fields)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
