@@ -5,7 +5,9 @@ Used by the tests and the single-machine benchmarks; real jobs are launched with
 Ranks fork from a fork server that has imported torch, megatron-core and our model once (and a script's own
 module, whose workers the ranks unpickle): a freshly spawned rank spends ~5 s on those imports on a 2-core
 machine, which the test suite would pay some forty times. multiprocessing hands each rank the caller's sys.path
-and working directory; the caller's environment is passed here, as the server's is that of when it started.
+and working directory; the caller's environment is passed here, as the server's is that of when it started. The
+function and its arguments travel as plain bytes: torch would otherwise move every tensor argument to shared
+memory and send one file descriptor each, and a fork server takes at most 256 per process.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _context():
     return ctx
 
 
-def _entry(rank: int, world: int, port: int, tp: int, fn: Callable, args: tuple, queue, env: Mapping[str, str]) -> None:
+def _entry(rank: int, world: int, port: int, tp: int, job: bytes, queue, env: Mapping[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(
@@ -48,6 +50,7 @@ def _entry(rank: int, world: int, port: int, tp: int, fn: Callable, args: tuple,
     from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
     try:
+        fn, args = torch.load(io.BytesIO(job), weights_only=False)
         info = init_parallel(tp_size=tp, seed=1234)
         result = fn(info, *args)
         buffer = io.BytesIO()  # plain bytes: no shared-memory tensor handles outliving this process
@@ -64,8 +67,10 @@ def run_distributed(fn: Callable, world: int, *args: Any, tp: int | None = None,
     queue = ctx.Queue()
     port = free_port()
     env = dict(os.environ)
+    job = io.BytesIO()
+    torch.save((fn, args), job)
     procs = [
-        ctx.Process(target=_entry, args=(r, world, port, tp or world, fn, args, queue, env), daemon=False)
+        ctx.Process(target=_entry, args=(r, world, port, tp or world, job.getvalue(), queue, env), daemon=False)
         for r in range(world)
     ]
     for p in procs:

@@ -26,3 +26,15 @@ def test_ranks_see_the_callers_environment_directory_and_path_of_each_call(tmp_p
     second = run_distributed(state_worker, 1)[0]
     assert second["env"] == "second" and second["cwd"] == str(tmp_path)
     assert str(tmp_path / "extra") in second["path"]
+
+
+def sum_worker(info, tensors: list) -> float:
+    return float(sum(t.sum() for t in tensors))
+
+
+def test_hundreds_of_tensor_arguments_reach_every_rank():
+    """(Tensors shared by file descriptor would stop at the fork server's 256; they travel as bytes.)"""
+    import torch
+
+    tensors = [torch.full((3,), float(i)) for i in range(400)]
+    assert run_distributed(sum_worker, 2, tensors) == [3.0 * sum(range(400))] * 2
