@@ -40,22 +40,30 @@ def _context():
     return ctx
 
 
+def _pack(obj: Any) -> bytes:
+    """Plain bytes (torch.save): no shared-memory tensor handles or file descriptors cross the process boundary."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _unpack(payload: bytes) -> Any:
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
 def _entry(rank: int, world: int, port: int, tp: int, job: bytes, queue, env: Mapping[str, str]) -> None:
     os.environ.clear()
-    os.environ.update(env)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
     try:
-        fn, args = torch.load(io.BytesIO(job), weights_only=False)
+        fn, args = _unpack(job)
         info = init_parallel(tp_size=tp, seed=1234)
         result = fn(info, *args)
-        buffer = io.BytesIO()  # plain bytes: no shared-memory tensor handles outliving this process
-        torch.save(result, buffer)
-        queue.put((rank, "ok", buffer.getvalue()))
+        queue.put((rank, "ok", _pack(result)))
         destroy_parallel()
     except BaseException:  # report to the parent, which re-raises
         queue.put((rank, "error", traceback.format_exc()))
@@ -66,11 +74,9 @@ def run_distributed(fn: Callable, world: int, *args: Any, tp: int | None = None,
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    env = dict(os.environ)
-    job = io.BytesIO()
-    torch.save((fn, args), job)
+    env, job = dict(os.environ), _pack((fn, args))
     procs = [
-        ctx.Process(target=_entry, args=(r, world, port, tp or world, job.getvalue(), queue, env), daemon=False)
+        ctx.Process(target=_entry, args=(r, world, port, tp or world, job, queue, env), daemon=False)
         for r in range(world)
     ]
     for p in procs:
@@ -84,7 +90,7 @@ def run_distributed(fn: Callable, world: int, *args: Any, tp: int | None = None,
             errors.append(f"no result within {timeout}s; exit codes {[p.exitcode for p in procs]}")
             break
         if status == "ok":
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            results[rank] = _unpack(payload)
         else:
             errors.append(f"rank {rank}:\n{payload}")
             break

@@ -32,7 +32,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -385,7 +386,7 @@ def _load_machine(value: str) -> Machine:
     if not path.is_file():
         raise SystemExit(f"--machine {value!r}: neither a built-in machine {sorted(PUBLISHED)} nor a JSON file")
     fields = json.loads(path.read_text()).get("machine", {})
-    missing = [f for f in Machine.__dataclass_fields__ if f not in fields and f != "in_loop_latency_us"]
+    missing = [f.name for f in dataclass_fields(Machine) if f.name not in fields and f.default is MISSING]
     if missing:
         raise SystemExit(f"--machine {path}: key 'machine' lacks {missing}: not the JSON of this version's "
                          f"`cost_model.py measure` (run it again)")
