@@ -29,7 +29,16 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.ops import FactorView, OutputLayout, SlotBatch, SlotViews, lora_expand, lora_shrink, matmul_packed
+from megatron_bdlora.ops import (
+    FactorView,
+    GraphLaunch,
+    OutputLayout,
+    SlotBatch,
+    SlotViews,
+    lora_expand,
+    lora_shrink,
+    matmul_packed,
+)
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
 
@@ -69,6 +78,10 @@ class LoRAAdapter(nn.Module):
         # layer. Replaced on every change, never mutated: a step caches its plan per instance, the kernels its table.
         self.a_views = SlotViews([self._views(plan)[0]] * slots)
         self.b_views = SlotViews([self._views(plan)[1]] * slots)
+        # the same views as device tables at fixed addresses, rewritten in place (what CUDA-graph launches read)
+        self.register_buffer("a_table", self.a_views.table().clone(), persistent=False)  # [slots, 3] int32
+        self.register_buffer("b_table", self.b_views.table().clone(), persistent=False)
+        self.graph_max_blocks: int | None = None  # set by enable_graph_launch (serving under CUDA graphs)
         for param, shard in ((self.lora_A, plan.a), (self.lora_B, plan.b)):
             # megatron's attributes: dim +1 because of the leading slot dim
             split = shard.split_dim is not None and plan.tp > 1
@@ -96,12 +109,21 @@ class LoRAAdapter(nn.Module):
 
     def shrink_slots(self, x: torch.Tensor, batch: SlotBatch) -> torch.Tensor:
         """Serving: x [n, in_local] (token order) -> [n, r_local] in the batch's slot order, each token's own slot."""
-        return lora_shrink(x, self.lora_A, self.a_views, batch)
+        return lora_shrink(x, self.lora_A, self.a_views, batch, self._graph_launch(self.a_table))
 
     def expand_slots(self, z: torch.Tensor, batch: SlotBatch, out: torch.Tensor, layout: OutputLayout) -> None:
         """Serving: add each token's scaled LoRA output into its row of out at the layout's columns."""
         chunks = self.plan.tp if self.plan.collective is Collective.ALL_GATHER else 1
-        lora_expand(z, self.lora_B, self.b_views, self.scaling, batch, out, layout, chunks)
+        lora_expand(z, self.lora_B, self.b_views, self.scaling, batch, out, layout, chunks,
+                    self._graph_launch(self.b_table))
+
+    def enable_graph_launch(self, max_blocks: int) -> None:
+        """Size the kernels' launches for capture in CUDA graphs: any adapter of at most `max_blocks` local blocks
+        per factor (checked at load) runs in the captured launch."""
+        self.graph_max_blocks = max_blocks
+
+    def _graph_launch(self, table: torch.Tensor) -> GraphLaunch | None:
+        return None if self.graph_max_blocks is None else GraphLaunch(table, self.graph_max_blocks)
 
     @staticmethod
     def _views(plan: ShardingPlan) -> tuple[FactorView, FactorView]:
@@ -117,6 +139,11 @@ class LoRAAdapter(nn.Module):
             raise ValueError(f"adapter plan {plan} does not fit this layer's plan {cap}")
         views = self._views(plan)
         for param, local, view, name in ((self.lora_A, a_local, views[0], "A"), (self.lora_B, b_local, views[1], "B")):
+            if self.graph_max_blocks is not None and view.blocks > self.graph_max_blocks:
+                raise ValueError(
+                    f"lora_{name} has {view.blocks} blocks on this rank; the CUDA graphs were captured for at most "
+                    f"{self.graph_max_blocks} (serve with --cuda-graphs off, or train with fewer blocks per rank)"
+                )
             if tuple(local.shape) != (view.rows, view.cols):
                 raise ValueError(f"lora_{name} slice has shape {tuple(local.shape)}, expected {(view.rows, view.cols)}")
             if view.rows > param.shape[1] or view.cols > param.shape[2]:
@@ -124,7 +151,8 @@ class LoRAAdapter(nn.Module):
                     f"lora_{name} slice {(view.rows, view.cols)} exceeds the slot capacity {tuple(param.shape[1:])} "
                     f"(adapter rank {plan.rank} > the server's max LoRA rank {cap.rank}?)"
                 )
-            param[slot].zero_()
+        for param, local, view in ((self.lora_A, a_local, views[0]), (self.lora_B, b_local, views[1])):
+            param[slot].zero_()  # written only once both factors passed: a refused adapter leaves the slot as it was
             param[slot, : view.rows, : view.cols] = local.to(param.dtype)
         self.scaling[slot] = scaling
         self._set_views(slot, views)
@@ -136,6 +164,8 @@ class LoRAAdapter(nn.Module):
     def _set_views(self, slot: int, views: tuple[FactorView | None, FactorView | None]) -> None:
         self.a_views = self.a_views.replace(slot, views[0])
         self.b_views = self.b_views.replace(slot, views[1])
+        self.a_table[slot] = self.a_views.table()[slot]  # in place: the address a captured graph reads
+        self.b_table[slot] = self.b_views.table()[slot]
 
     @torch.no_grad()
     def load_full_factors(self, a_full: torch.Tensor, b_full: torch.Tensor, slot: int = 0, scaling: float | None = None) -> None:

@@ -54,13 +54,26 @@ class SlotViews(tuple):
         """A copy with one slot's view changed."""
         return SlotViews(view if s == slot else v for s, v in enumerate(self))
 
-    def table(self, device: torch.device) -> torch.Tensor:
+    def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[slots, 3] int32 (rows, cols, blocks) for the kernels; rows 0 = nothing for this slot."""
         key = ("table", str(device))
         if key not in self.__dict__:
             rows = [(v.rows, v.cols, v.blocks) if v is not None else (0, 0, 1) for v in self]
             self.__dict__[key] = torch.tensor(rows, dtype=torch.int32, device=device)
         return self.__dict__[key]
+
+
+@dataclass(frozen=True)
+class GraphLaunch:
+    """What a kernel launch captured in a CUDA graph must not read from today's views, for one factor stack.
+
+    A graph replays the launch arguments of its capture: the grid, the tile sizes and the address of the slot
+    table. Adapters are loaded after capture, so the launch is sized for the stack's capacity (any view of at
+    most `max_blocks` blocks fits) and reads `table`, a [slots, 3] buffer that loads rewrite in place.
+    """
+
+    table: torch.Tensor
+    max_blocks: int
 
 
 @dataclass(frozen=True)
@@ -249,17 +262,24 @@ def matmul_packed(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.T
     return yb.reshape(*x.shape[:-1], out_dim)
 
 
-def lora_shrink(x: torch.Tensor, weight: torch.Tensor, views: Sequence[FactorView | None], batch: SlotBatch) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    views: Sequence[FactorView | None],
+    batch: SlotBatch,
+    graph: GraphLaunch | None = None,
+) -> torch.Tensor:
     """Rank space of every token, in slot order: x [n, in] (token order) -> z [n, R], R = weight.shape[1].
 
     weight: [slots, R, C]; slot s uses weight[s, :rows, :cols] with its block count. Rows of tokens without an
     adapter and columns beyond a slot's rows are zero (so an all-reduce or all-gather of the whole z is exact).
+    graph: size the Triton launch for CUDA-graph capture (the torch path has nothing to capture-proof).
     """
     views = views if isinstance(views, SlotViews) else SlotViews(views)
     if _triton_for(x):
         from megatron_bdlora import kernels
 
-        return kernels.shrink(x, weight, views, batch)
+        return kernels.shrink(x, weight, views, batch, graph=graph)
     return _grouped_matmul(batch.gather(x), weight, views, batch, None, lambda v, xs: xs[:, : v.in_width])
 
 
@@ -272,6 +292,7 @@ def lora_expand(
     out: torch.Tensor,
     layout: OutputLayout | None = None,
     in_chunks: int = 1,
+    graph: GraphLaunch | None = None,
 ) -> torch.Tensor:
     """out[token, layout(c)] += scaling_s * (B_s z_token)[c] for every token with an adapter; returns out.
 
@@ -285,7 +306,7 @@ def lora_expand(
     if _triton_for(z):
         from megatron_bdlora import kernels
 
-        return kernels.expand(z, weight, views, scalings, batch, out, layout, in_chunks)
+        return kernels.expand(z, weight, views, scalings, batch, out, layout, in_chunks, graph=graph)
     n, piece = z.shape[0], z.shape[1] // in_chunks
 
     def rank_space(v: FactorView, zs: torch.Tensor) -> torch.Tensor:  # [n, in_width]

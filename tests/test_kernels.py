@@ -55,6 +55,56 @@ def test_split_k_and_small_tiles_match_float64(kernels, split_k, fixed_grid):
     assert torch.equal(out[20], poison[20])  # the token without an adapter
 
 
+def test_graph_launch_serves_adapters_loaded_after_its_sizing(kernels):
+    """A CUDA graph replays the launch of its capture; adapters are loaded later. The graph launch is sized for the
+    stacks' capacity and reads a slot table at a fixed address: launch arguments made while every slot was empty
+    (as at capture), then the table rewritten in place with mixed ranks and block counts, give the float64 result."""
+    from megatron_bdlora.ops import GraphLaunch
+
+    device = "cuda" if ON_GPU else "cpu"
+    views_a, views_b, slot_ids, x, a, b, scalings, batch = _case(torch.float32, device, seed=7)
+    empty = SlotViews([None] * 4)
+    table_a, table_b = empty.table(device).clone(), empty.table(device).clone()
+    graph_a, graph_b = GraphLaunch(table_a, max_blocks=4), GraphLaunch(table_b, max_blocks=4)  # "captured"
+    z_empty = kernels.shrink(x, a, empty, batch, graph=graph_a)
+    assert not z_empty.any()  # every slot empty: nothing computed
+    table_a.copy_(views_a.table(device))  # the loads, in place
+    table_b.copy_(views_b.table(device))
+    z = kernels.shrink(x, a, empty, batch, graph=graph_a)  # today's views are not read: the table is
+    _check(z.cpu(), _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), torch.float32, "graph shrink")
+    poison = torch.randn(len(slot_ids), 40, generator=torch.Generator().manual_seed(3)).to(device)
+    out = poison.clone()
+    layout = OutputLayout.contiguous(40)
+    kernels.expand(z, b, empty, scalings, batch, out, layout, graph=graph_b)
+    want = _reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout)
+    _check(out.cpu(), want, torch.float32, "graph expand")
+    assert torch.equal(out[20], poison[20])  # the token without an adapter
+
+
+def test_layer_tables_follow_loads_in_place():
+    """What a captured graph reads: a LoRA layer's slot tables keep their address across loads and clears and
+    always equal its views; an adapter with more blocks than the graphs were sized for is refused, slot untouched."""
+    from megatron_bdlora.layers import LoRAAdapter
+    from megatron_bdlora.config import LoRASettings
+    from megatron_bdlora.sharding import ShardingPlan
+
+    cap = ShardingPlan.build("column", "block_diagonal", 32, 48, 16, 1, 1)
+    adapter = LoRAAdapter(cap, LoRASettings(rank=16, nblocks=1), 0, None, slots=3)
+    address = adapter.b_table.data_ptr()
+    plan = ShardingPlan.build("column", "block_diagonal", 32, 48, 8, 1, 2)
+    a, b = torch.randn(plan.a.local_shape), torch.randn(plan.b.local_shape)
+    adapter.load_slot(1, a, b, plan, 2.0)
+    adapter.clear_slot(2)
+    assert adapter.b_table.data_ptr() == address
+    assert torch.equal(adapter.a_table, adapter.a_views.table()) and torch.equal(adapter.b_table, adapter.b_views.table())
+    assert adapter.b_table[1].tolist() == [48, 4, 2] and adapter.b_table[2, 0] == 0
+    adapter.enable_graph_launch(max_blocks=1)
+    before = adapter.lora_B[0].clone()
+    with pytest.raises(ValueError, match="CUDA graphs were captured for at most 1"):
+        adapter.load_slot(0, a, b, plan, 2.0)
+    assert torch.equal(adapter.lora_B[0], before) and adapter.b_table[0].tolist() == [48, 16, 1]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU: Triton's interpreter computes bf16 tl.dot wrongly")
 def test_bf16_on_gpu_matches_float64(kernels):
     views_a, views_b, slot_ids, x, a, b, scalings, batch = _case(torch.bfloat16, "cuda", seed=4)

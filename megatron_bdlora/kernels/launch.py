@@ -11,7 +11,7 @@ import torch
 import triton
 
 from megatron_bdlora.kernels.segment_lora import segment_lora_kernel
-from megatron_bdlora.ops import OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.ops import GraphLaunch, OutputLayout, SlotBatch, SlotViews
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
@@ -28,29 +28,44 @@ def _output_tiles(views: SlotViews, block_n: int) -> int:
     return views.__dict__[key]
 
 
+def _capacity_tiles(rows: int, block_n: int, max_blocks: int) -> int:
+    """Output tiles enough for any view of at most `rows` rows in at most `max_blocks` blocks (CUDA graphs)."""
+    return max(b * triton.cdiv(max(rows // b, 1), block_n) for b in range(1, max_blocks + 1))
+
+
 def _launch(x, weight, out, views, batch, *, shrink, scalings=None, layout=None, in_chunks=1, chunk_stride=0,
-            split_k=1, block_m=None, block_n=None, block_k=None, fixed_grid=None):
+            split_k=1, block_m=None, block_n=None, block_k=None, fixed_grid=None, graph: GraphLaunch | None = None):
     if x.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("segment LoRA kernel: inputs and outputs need contiguous rows (last stride 1)")
-    live = [v for v in views if v is not None]
-    if not live or batch.num_tokens == 0:
-        return
     n = batch.num_tokens
     block_m = block_m or (16 if n <= 256 else 64)
-    block_n = block_n or _pow2_between(max(v.rows // v.blocks for v in live), 16, 64)
-    block_k = block_k or _pow2_between(max(v.cols for v in live), 16, 128 if shrink else 64)
-    tiles = _output_tiles(views, block_n)
-    layout = layout or OutputLayout.contiguous(weight.shape[1])
-    if x.is_cuda if fixed_grid is None else fixed_grid:  # fixed by the token count and views: one captured CUDA graph serves any mix of adapters
-        grid = (triton.cdiv(n, block_m), tiles * split_k, batch.slot_counts.numel())
-    else:  # Triton's interpreter pays per program: launch only the active slots' tiles (host metadata is free)
-        longest = max((stop - start for _, start, stop in batch.segments), default=0)
-        grid = (triton.cdiv(longest, block_m), tiles * split_k, len(batch.segments))
-        if not batch.segments:
+    if graph is not None:  # sized for the stack's capacity: adapters loaded after the capture still fit
+        if n == 0:
             return
+        block_n = block_n or _pow2_between(weight.shape[1], 16, 64)
+        block_k = block_k or _pow2_between(weight.shape[2], 16, 128 if shrink else 64)
+        grid = (triton.cdiv(n, block_m), _capacity_tiles(weight.shape[1], block_n, graph.max_blocks) * split_k,
+                batch.slot_counts.numel())
+        table = graph.table
+    else:
+        live = [v for v in views if v is not None]
+        if not live or n == 0:
+            return
+        block_n = block_n or _pow2_between(max(v.rows // v.blocks for v in live), 16, 64)
+        block_k = block_k or _pow2_between(max(v.cols for v in live), 16, 128 if shrink else 64)
+        tiles = _output_tiles(views, block_n)
+        table = views.table(x.device)
+        if x.is_cuda if fixed_grid is None else fixed_grid:  # fixed by the token count and views
+            grid = (triton.cdiv(n, block_m), tiles * split_k, batch.slot_counts.numel())
+        else:  # Triton's interpreter pays per program: launch only the active slots' tiles (host metadata is free)
+            if not batch.segments:
+                return
+            longest = max(stop - start for _, start, stop in batch.segments)
+            grid = (triton.cdiv(longest, block_m), tiles * split_k, len(batch.segments))
+    layout = layout or OutputLayout.contiguous(weight.shape[1])
     segment_lora_kernel[grid](
         x, weight, out, scalings if scalings is not None else out,
-        batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots, views.table(x.device),
+        batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots, table,
         x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
         in_chunks, chunk_stride, layout.group_width, layout.group_stride, layout.offset,
         X_BY_TOKEN=shrink, OUT_BY_TOKEN=not shrink, HAS_SCALE=scalings is not None, ACCUMULATE=not shrink,
@@ -67,18 +82,19 @@ def default_split_k(num_tokens: int, cols: int) -> int:
 
 
 def shrink(x: torch.Tensor, weight: torch.Tensor, views: SlotViews, batch: SlotBatch, split_k: int | None = None,
-           **tiles) -> torch.Tensor:
+           graph: GraphLaunch | None = None, **tiles) -> torch.Tensor:
     """ops.lora_shrink on the GPU: z [n, R] in slot order (float32 when split-K sums atomically)."""
     split_k = split_k or default_split_k(batch.num_tokens, weight.shape[2])
     dtype = torch.float32 if split_k > 1 else x.dtype
     z = torch.zeros(x.shape[0], weight.shape[1], dtype=dtype, device=x.device)
-    _launch(x, weight, z, views, batch, shrink=True, split_k=split_k, **tiles)
+    _launch(x, weight, z, views, batch, shrink=True, split_k=split_k, graph=graph, **tiles)
     return z
 
 
 def expand(z: torch.Tensor, weight: torch.Tensor, views: SlotViews, scalings: torch.Tensor, batch: SlotBatch,
-           out: torch.Tensor, layout: OutputLayout, in_chunks: int = 1, **tiles) -> torch.Tensor:
+           out: torch.Tensor, layout: OutputLayout, in_chunks: int = 1, graph: GraphLaunch | None = None,
+           **tiles) -> torch.Tensor:
     """ops.lora_expand on the GPU: adds into out in place (fused layout), tokens without an adapter untouched."""
     _launch(z, weight, out, views, batch, shrink=False, scalings=scalings, layout=layout, in_chunks=in_chunks,
-            chunk_stride=z.shape[1] // in_chunks, **tiles)
+            chunk_stride=z.shape[1] // in_chunks, graph=graph, **tiles)
     return out
