@@ -61,8 +61,12 @@ def _apply_llama3_rope_scaling(model: GPTModel, scaling: Llama3RopeScaling) -> N
     rope.inv_freq = rope._apply_scaling(rope.inv_freq, **dataclasses.asdict(scaling))  # [head_dim / 2]
 
 
-def transformer_config(hf_config: dict, tp: int, dtype: str = "float32") -> TransformerConfig:
-    """megatron TransformerConfig equivalent to an HF LlamaConfig (dropout off, no fusions needing CUDA)."""
+def transformer_config(hf_config: dict, tp: int, dtype: str = "float32", cuda_graphs: bool = False) -> TransformerConfig:
+    """megatron TransformerConfig equivalent to an HF LlamaConfig (dropout off, no fusions needing CUDA).
+
+    cuda_graphs: megatron's own ("local") CUDA graphs, one per transformer layer and decode batch size, which its
+    dynamic inference engine captures at start-up (serving on a GPU only).
+    """
     check_llama_config(hf_config, tp)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} not supported; expected one of {list(_DTYPES)}")
@@ -96,6 +100,7 @@ def transformer_config(hf_config: dict, tp: int, dtype: str = "float32") -> Tran
         bias_dropout_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_impl="local" if cuda_graphs else "none",
     )
 
 
@@ -128,13 +133,19 @@ def _layer_spec(hf_config: dict, lora: LoRASettings | None, slots: int = 1) -> M
 
 
 def build_model(
-    hf_config: dict, tp: int, lora: LoRASettings | None = None, dtype: str = "float32", slots: int = 1
+    hf_config: dict,
+    tp: int,
+    lora: LoRASettings | None = None,
+    dtype: str = "float32",
+    slots: int = 1,
+    cuda_graphs: bool = False,
 ) -> GPTModel:
     """The TP-sharded model of this rank (weights uninitialised: load a checkpoint next).
 
-    slots > 1 gives every LoRA layer that many adapter slots (serving: one per device-resident adapter).
+    slots > 1 gives every LoRA layer that many adapter slots (serving: one per device-resident adapter);
+    cuda_graphs: layers captured in megatron's CUDA graphs by the serving engine (see transformer_config).
     """
-    config = transformer_config(hf_config, tp, dtype)
+    config = transformer_config(hf_config, tp, dtype, cuda_graphs)
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(hf_config, lora, slots),

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 MODES = tuple(m.value for m in Mode)  # the sharding plan owns the list
 DTYPES = ("float32", "bfloat16", "float16")
+ON_OFF = ("on", "off")
 
 
 def _opt(help: str, default: Any = None, engine: bool = False) -> Any:
@@ -68,6 +69,9 @@ class ServeOptions:
     block_size: int | None = _opt("KV cache block size in tokens (default 64)", engine=True)
     dtype: str | None = _opt("compute dtype: float32, bfloat16 or float16 (default float32)", engine=True)
     seed: int | None = _opt("engine seed for requests without their own `seed` (default 0)", engine=True)
+    cuda_graphs: str | None = _opt("decode steps replayed from CUDA graphs captured at start-up (megatron's own, per layer "
+                                   "and decode batch size; LoRA launches sized for max-lora-rank): on or off (default "
+                                   "off; on needs a GPU)", engine=True)
     host: str = _opt("address to listen on (0.0.0.0: all interfaces)", "127.0.0.1")
     port: int = _opt("port to listen on (0: a free port; the line `serving on http://HOST:PORT` says which)", 8000)
     served_model_name: str | None = _opt(
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "repeat for more")
             continue
         kind = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
-        choices = {"mode": MODES, "dtype": DTYPES}.get(f.name)
+        choices = {"mode": MODES, "dtype": DTYPES, "cuda_graphs": ON_OFF}.get(f.name)
         help_text = f.metadata["help"] + (f" (default {f.default})" if f.default is not None else "")
         metavar = None if choices else {"megatron_dir": "DIR", "served_model_name": "NAME", "host": "HOST"}.get(
             f.name, {int: "N", float: "X"}.get(kind, "VALUE"))
@@ -132,6 +136,8 @@ def load_options(argv: list[str] | None) -> tuple[ServeOptions, dict[str, str]]:
     config = given.pop("config", None)
     raw = _read_yaml(config) if config is not None else {}
     where = {key: f"{key} in {config}" for key in raw}
+    if isinstance(raw.get("cuda_graphs"), bool):  # YAML 1.1 reads a bare on/off as a boolean
+        raw["cuda_graphs"] = ON_OFF[0] if raw["cuda_graphs"] else ON_OFF[1]
     try:
         opts = build_section(ServeOptions, raw, "")
     except ConfigError as err:
@@ -170,6 +176,8 @@ def check_options(opts: ServeOptions, where: dict[str, str], world_size: int) ->
         raise ConfigError(f"{name('mode')} must be one of {', '.join(MODES)}, got {opts.mode!r}")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ConfigError(f"{name('dtype')} must be one of {', '.join(DTYPES)}, got {opts.dtype!r}")
+    if opts.cuda_graphs is not None and opts.cuda_graphs not in ON_OFF:
+        raise ConfigError(f"{name('cuda_graphs')} must be on or off, got {opts.cuda_graphs!r}")
     for key in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "tp"):
         value = getattr(opts, key)
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = init_parallel(tp_size=world_size)
     engine = {key: getattr(opts, key) for key in ENGINE_KEYS if getattr(opts, key) is not None}
+    if "cuda_graphs" in engine:
+        engine["cuda_graphs"] = engine["cuda_graphs"] == "on"
     try:
         loop = ServingLoop.create(ServingConfig(**{**engine, "megatron_dir": megatron_dir, "adapters": dict(opts.adapters)}), info)
     except (ValueError, FileNotFoundError) as err:  # adapters that do not fit the base or the mode: alike on every rank

@@ -718,6 +718,8 @@ def _serve_error(argv: list[str], capsys) -> str:
     (["--mode", "slora", "--megatron-dir", "EMPTY"], None, ["--megatron-dir", "neither a megatron checkpoint"]),
     (["--mode", "slora", "--megatron-dir", "MEG_TP2"], None, ["--megatron-dir", "tp=2", "1 rank"]),
     (["--config", "CONFIG"], "mode: slora\nmax_lora: 8\n", ["unknown config key", "max_lora", "serve.yaml"]),
+    (["--mode", "slora", "--cuda-graphs", "maybe"], None, ["--cuda-graphs", "invalid choice"]),
+    (["--config", "CONFIG"], "mode: slora\ncuda_graphs: sometimes\n", ["cuda_graphs in", "serve.yaml", "on or off"]),
     (["--config", "CONFIG"], "mode: slora\nmax_loras: many\n", ["max_loras must be int", "serve.yaml"]),
     (["--config", "CONFIG"], "mode: slora\nmax_loras: 0\n", ["max_loras in", "serve.yaml", ">= 1"]),
     (["--config", "CONFIG"], "mode: slora\ntp: 8\n", ["tp in", "is 8", "1 rank"]),
@@ -750,6 +752,25 @@ def test_serve_flags_override_the_yaml_and_add_adapters(tmp_path):
     assert (opts.mode, opts.max_loras, opts.max_model_len, opts.port, opts.host) == ("replicated", 3, 256, 9000, "127.0.0.1")
     assert opts.adapters == {"a": str(a), "b": str(b)}
     assert where["max_loras"] == "--max-loras" and where["max_model_len"] == f"max_model_len in {config}"
+
+
+def test_serve_cuda_graphs_key_reads_yaml_booleans_and_needs_a_gpu(tmp_path):
+    """YAML 1.1 reads a bare `on` as true: the key means the flag's on; on a host without CUDA the engine refuses
+    it before reading the model."""
+    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.serve import check_options, load_options
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("mode: slora\ncuda_graphs: on\n")
+    opts, where = load_options(["--config", str(config)])
+    check_options(opts, where, world_size=1)
+    assert opts.cuda_graphs == "on"
+    assert load_options(["--config", str(config), "--cuda-graphs", "off"])[0].cuda_graphs == "off"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            ServingLoop.create(ServingConfig(megatron_dir=tmp_path / "none", cuda_graphs=True), None)
 
 
 def test_serve_cli_error_in_a_fresh_process_is_fast_and_one_line(tmp_path):

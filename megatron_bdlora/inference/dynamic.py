@@ -78,6 +78,8 @@ def build_dynamic_engine(
     request_metadata_types: list[tuple[str, torch.dtype, bool]] | None = None,
     paused_buffer_size_gb: float | None = None,
     controller_cls: type[TextGenerationController] = TextGenerationController,
+    cuda_graphs: bool = False,
+    num_cuda_graphs: int = 8,
 ) -> DynamicInferenceEngine:
     """megatron's DynamicInferenceEngine serving `model` (this rank's TP shard); every TP rank builds one.
 
@@ -118,6 +120,9 @@ def build_dynamic_engine(
         paused_buffer_size_gb: part of `buffer_size_gb` kept for paused requests (None = 0: a paused request
             that cannot resume at once is evicted, except one allowed to overflow).
         controller_cls: megatron's TextGenerationController or a subclass (e.g. with its own sampling step).
+        cuda_graphs: decode-only steps replay megatron's per-layer CUDA graphs, captured here for
+            `num_cuda_graphs` decode batch sizes up to max_requests (the model must be built with
+            `build_model(..., cuda_graphs=True)`); steps with prefill tokens, or larger, run eagerly.
     """
     apply_cpu_inference_fallbacks()
     expected_types = DynamicInferenceRequest.get_metadata_types()
@@ -129,6 +134,9 @@ def build_dynamic_engine(
             f"{expected_types}; megatron checks every added request against them"
         )
     config = model.config
+    if cuda_graphs != (config.cuda_graph_impl == "local"):
+        raise ValueError(f"cuda_graphs={cuda_graphs} but the model was built with cuda_graph_impl="
+                         f"{config.cuda_graph_impl!r}: build_model(..., cuda_graphs={cuda_graphs})")
     tp = config.tensor_model_parallel_size
     if max_tokens % DynamicInferenceContext.round_up_tokens(1, tp):
         raise ValueError(
@@ -150,6 +158,8 @@ def build_dynamic_engine(
         materialize_only_last_token_logits=materialize_only_last_token_logits,
         request_metadata_types=request_metadata_types,
         use_flashinfer_fused_rope=False,
+        num_cuda_graphs=num_cuda_graphs if cuda_graphs else None,
+        use_cuda_graphs_for_non_decode_steps=False,
     )
     wrapper_config = InferenceWrapperConfig(
         hidden_size=config.hidden_size,

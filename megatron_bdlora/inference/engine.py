@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_bdlora.inference.requests import GenerationParams, GenerationRequest, TokenEvent
 
+GRAPH_MAX_BLOCKS = 8  # block-diagonal blocks per rank that CUDA-graph launches are sized for (checked at load)
 HEARTBEAT_S = 0.5  # an idle rank 0 still broadcasts this often, so followers never wait on a dead collective
 
 
@@ -48,6 +49,7 @@ class ServingConfig:
     block_size: int = 64
     dtype: str = "float32"
     seed: int = 0
+    cuda_graphs: bool = False  # decode steps replayed from megatron's CUDA graphs (GPU only)
 
 
 @dataclass
@@ -80,6 +82,10 @@ def _track_lora_slot() -> None:
         base_checkpoint(self, *args, **kwargs)
         self[-1].sampling_params.add_attributes({"lora_slot": slot})
 
+    # requests made by megatron itself (the dummy requests of CUDA-graph capture) use no adapter
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    SamplingParams.lora_slot = -1
     ir.DynamicInferenceRequest.get_metadata_types = staticmethod(get_metadata_types)
     ir.DynamicInferenceRequestRecord.checkpoint = checkpoint
     ir.DynamicInferenceRequest._bdlora_slot_tracked = True
@@ -103,6 +109,13 @@ class ServingLoop:
         self.base_name = config.megatron_dir.name
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
         self.max_step_tokens = self._token_budget(config.max_num_batched_tokens, info.tp_size)
+        self._lora_layers = [m for m in model.modules() if isinstance(m, _LoRAParallelMixin)]
+        self._slot_buffers = None  # the step's slot metadata, refilled in place (CUDA-graph safe)
+        model.register_forward_pre_hook(self._set_step_slots, with_kwargs=True)  # before the engine captures graphs
+        if config.cuda_graphs:
+            self._prepare_cuda_graphs(model, config.seed)
+        for slot in range(config.max_loras):
+            write_slot(model, slot, None)
         self.engine = build_dynamic_engine(
             model,
             tokenizer,
@@ -114,12 +127,10 @@ class ServingLoop:
             params_dtype=next(model.parameters()).dtype,
             random_seed=config.seed,
             controller_cls=SeededSamplingController,
+            cuda_graphs=config.cuda_graphs,
         )
         self.samplers = RequestSamplers(self.hf_config["vocab_size"])
         self.engine.controller.samplers = self.samplers
-        self._lora_layers = [m for m in model.modules() if isinstance(m, _LoRAParallelMixin)]
-        self._slot_buffers = None  # the step's slot metadata, refilled in place (CUDA-graph safe)
-        model.register_forward_pre_hook(self._set_step_slots, with_kwargs=True)
 
         def load_host(name: str, path: str):
             return load_host_adapter(name, path, self.hf_config, info.tp_size, info.tp_rank, config.mode, config.max_lora_rank)
@@ -132,8 +143,6 @@ class ServingLoop:
             lambda slot, host: write_slot(model, slot, host),
             lambda slot: write_slot(model, slot, None),
         )
-        for slot in range(config.max_loras):
-            write_slot(model, slot, None)
         for name, path in config.adapters.items():
             self.pool.register(name, str(path))
         # replicated state (identical on every rank)
@@ -156,6 +165,21 @@ class ServingLoop:
 
     # ---------------------------------------------------------------- construction
     @staticmethod
+    def _prepare_cuda_graphs(model: torch.nn.Module, seed: int) -> None:
+        """What megatron's CUDA graphs need from us: a GPU, its graph-safe RNG tracker, and LoRA kernel launches
+        sized for the slots' capacity (adapters are loaded after the capture)."""
+        from megatron.core import tensor_parallel
+        from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+
+        from megatron_bdlora.layers import LoRAAdapter
+
+        delete_cuda_graphs()  # megatron keeps graphs in one process-wide record: an earlier engine's would be replayed
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
+        for module in model.modules():
+            if isinstance(module, LoRAAdapter):
+                module.enable_graph_launch(GRAPH_MAX_BLOCKS)
+
+    @staticmethod
     def _token_budget(requested: int, tp: int) -> int:
         """Tokens per step, rounded up to what megatron pads a step to (a multiple of 64 and of TP)."""
         from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
@@ -171,9 +195,12 @@ class ServingLoop:
         from megatron_bdlora.inference.adapter_slots import serving_settings
         from megatron_bdlora.model import build_model, load_base_state_dict
 
+        if config.cuda_graphs and not torch.cuda.is_available():
+            raise ValueError("cuda_graphs (--cuda-graphs on) needs a CUDA GPU; this host has none")
         hf_config = json.loads((Path(config.megatron_dir) / "config.json").read_text())
         settings = serving_settings(config.mode, info.tp_size, config.max_lora_rank)
-        model = build_model(hf_config, info.tp_size, settings, config.dtype, slots=config.max_loras)
+        model = build_model(hf_config, info.tp_size, settings, config.dtype, slots=config.max_loras,
+                            cuda_graphs=config.cuda_graphs)
         load_base_state_dict(model, load_megatron_rank_state(Path(config.megatron_dir), info.tp_rank, info.tp_size))
         tokenizer = AutoTokenizer.from_pretrained(config.megatron_dir)
         return cls(config, info, model.eval(), tokenizer)
@@ -454,7 +481,7 @@ class ServingLoop:
         """Forward pre-hook: per-token adapter slots of this step, grouped once for every LoRA layer."""
         from megatron_bdlora.ops import SlotBatch
 
-        ctx = self.engine.context
+        ctx = kwargs.get("inference_context") or self.engine.context  # (no engine yet while it captures graphs)
         input_ids = args[0] if args else kwargs["input_ids"]  # [1, padded tokens]
         n, padded = ctx.active_token_count, input_ids.shape[-1]
         slots = ctx.request_metadata["lora_slot"][ctx.token_to_request_idx[:n].long()]  # [n]
