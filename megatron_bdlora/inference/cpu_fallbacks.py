@@ -1,14 +1,29 @@
-"""CPU stand-ins for the CUDA-only pieces of megatron-core's dynamic inference stack; applied only without CUDA.
+"""Which paged attention megatron-core's dynamic engine runs here, and the stand-ins that make it run.
 
-megatron-core 0.16.1's DynamicInferenceEngine / DynamicInferenceContext / TextGenerationController run on CPU
-once a few CUDA-only calls are replaced (NVTX ranges, CUDA events and syncs, pinned buffers, the Triton KV
-append) and its flash-attn paged attention has a torch equivalent. Everything else (paged KV cache,
-scheduling, chunked prefill, pausing, eviction, sampling) is megatron's own code. On GPU hosts nothing here runs.
+megatron-core 0.16.1's DynamicInferenceEngine / DynamicInferenceContext / TextGenerationController assert
+flash-attn >= 2.7.3 (or FA3) and call its paged kernels in `Attention.flash_decode_and_prefill`. flash-attn is
+a source-only package, so hosts without a build of it get a torch attention instead, decided once per process
+by `apply_inference_fallbacks()` (called first thing by `dynamic.build_dynamic_engine`):
+
+| CUDA | flash-attn usable (FA3 or FA2 >= 2.7.3) | path (returned, logged once)             | patched                         |
+|------|-----------------------------------------|------------------------------------------|---------------------------------|
+| yes  | yes                                     | "flash-attn"                             | nothing                         |
+| yes  | no                                      | "torch-paged (CUDA, flash-attn missing)" | version assertion + attention * |
+| no   | (not asked)                             | "torch-cpu"                              | all the stand-ins below         |
+
+* `Attention.flash_decode_and_prefill` = `paged_attention.paged_attention` (vectorised, no host sync, graph-safe).
+
+On CPU a few CUDA-only calls are replaced too (NVTX ranges, CUDA events and syncs, suspend/resume memory stats,
+pinned buffers, the Triton KV append) and attention is this module's `paged_attention` (batched SDPA for
+single-query requests, a Python loop over prefill chunks). On a GPU without flash-attn megatron's own Triton
+KV append, CUDA events, pinned buffers and NVTX stay. Everything else (paged KV cache, scheduling, chunked
+prefill, pausing, eviction, sampling) is megatron's own code in every case.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 
@@ -16,22 +31,85 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_applied = False
+from megatron_bdlora.inference.paged_attention import paged_attention as vectorised_paged_attention
+
+FLASH_ATTN = "flash-attn"
+TORCH_PAGED_CUDA = "torch-paged (CUDA, flash-attn missing)"
+TORCH_CPU = "torch-cpu"
+
+logger = logging.getLogger(__name__)
+_applied: str | None = None  # the path patched in, once apply_inference_fallbacks() ran
 
 
-def apply_cpu_inference_fallbacks() -> bool:
-    """Patch megatron's inference stack for a CPU-only torch; idempotent, returns False (and patches nothing) on GPU."""
-    global _applied
-    if torch.cuda.is_available():
+def choose_attention_path(cuda_available: bool, flash_attn_ok: bool) -> str:
+    """The attention path for a host: flash-attn where CUDA and a usable flash-attn are both there."""
+    if not cuda_available:
+        return TORCH_CPU
+    return FLASH_ATTN if flash_attn_ok else TORCH_PAGED_CUDA
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _flash_attn_ok() -> bool:
+    """megatron's own condition for dynamic batching: FA3 imported, or flash-attn's kernels and version >= 2.7.3."""
+    try:
+        from megatron.core.transformer import attention
+        from megatron.core.utils import is_fa_min_version  # megatron's, not attention's (patched below)
+
+        if attention.HAVE_FA3:
+            return True
+        if attention.flash_attn_varlen_func is None or attention.flash_attn_with_kvcache is None:
+            return False
+        return bool(is_fa_min_version("2.7.3"))
+    except Exception:  # flash_attn missing (ImportError) or broken (its CUDA extension failing to load)
         return False
-    if _applied:
-        return True
+
+
+def attention_path_here() -> str:
+    """The path `apply_inference_fallbacks()` picks (or picked) in this process; patches nothing."""
+    if _applied is not None:
+        return _applied
+    cuda = _cuda_available()
+    return choose_attention_path(cuda, cuda and _flash_attn_ok())
+
+
+def apply_inference_fallbacks() -> str:
+    """Decide the attention path (see the module docstring), patch megatron for it, log it; idempotent."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    path = attention_path_here()
+    if path == TORCH_CPU:
+        _patch_cuda_only_calls()
+        _patch_attention(paged_attention)
+    elif path == TORCH_PAGED_CUDA:
+        _patch_attention(vectorised_paged_attention)
+    _applied = path
+    (logger.warning if path == TORCH_PAGED_CUDA else logger.info)(
+        "megatron dynamic inference attention path: %s", path
+    )
+    return path
+
+
+def _patch_attention(flash_decode_and_prefill) -> None:
+    """Replace megatron's flash-attn paged attention and drop its flash-attn version assertion."""
+    from megatron.core.transformer import attention
+
+    # the flash-attn >= 2.7.3 assertion for dynamic batching (its only use in attention.py)
+    attention.is_fa_min_version = lambda version, *args, **kwargs: True
+    # flash-attn varlen / kvcache kernels over the paged cache
+    attention.Attention.flash_decode_and_prefill = flash_decode_and_prefill
+
+
+def _patch_cuda_only_calls() -> None:
+    """CPU stand-ins for the CUDA-only calls of megatron's inference stack (besides attention)."""
     from megatron.core.inference.contexts import dynamic_context
     from megatron.core.inference.engines import dynamic_engine
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController,
     )
-    from megatron.core.transformer import attention
 
     # NVTX ranges: dynamic_engine imported range_push/range_pop by name; inference_request calls torch.cuda.nvtx.*
     dynamic_engine.range_push = torch.cuda.nvtx.range_push = _no_op
@@ -48,12 +126,6 @@ def apply_cpu_inference_fallbacks() -> bool:
     )
     # the Triton KV-append kernel (asserts CUDA tensors): None selects the context's torch indexing path
     dynamic_context.triton_append_key_value_cache = None
-    # the flash-attn >= 2.7.3 assertion for dynamic batching (its only use in attention.py)
-    attention.is_fa_min_version = lambda version, *args, **kwargs: True
-    # flash-attn varlen / kvcache kernels over the paged cache
-    attention.Attention.flash_decode_and_prefill = paged_attention
-    _applied = True
-    return True
 
 
 def _no_op(*args, **kwargs) -> None:
@@ -116,12 +188,13 @@ def paged_attention(
     is_decode_only: bool,
     **kwargs,
 ) -> Tensor:
-    """Causal attention of packed queries over megatron's paged KV cache (torch stand-in for flash-attn).
+    """Causal attention of packed queries over megatron's paged KV cache (CPU stand-in for flash-attn).
 
     Request i owns queries cu_seqlens_q[i]:cu_seqlens_q[i+1] (lq of them, already in the cache) and the
     first L = seqlens_k[i] cached tokens, stored in blocks block_table[i, :ceil(L / block_size)]; its query j
     sits at position L - lq + j. Single-query requests (decode steps, one-token chunks) share one batched
     SDPA with a key-padding mask; multi-token chunks (prefill) go one by one. Padding rows (lq = 0) give zeros.
+    Host syncs (`int()`, `.tolist()`) and the loop are harmless on CPU; GPUs get `paged_attention.paged_attention`.
     """
     if any(value is not None for value in kwargs.values()):
         raise NotImplementedError(f"CPU paged attention does not support {sorted(kwargs)}")

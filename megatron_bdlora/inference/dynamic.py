@@ -2,7 +2,8 @@
 
 The engine, context, controller and wrapper are megatron's (paged KV cache, continuous batching, chunked
 prefill, pausing and eviction); this module only builds them for our model, strips the vocabulary padding
-from the logits and adapts the tokenizer. On CPU the stand-ins of `cpu_fallbacks` are applied first.
+from the logits and adapts the tokenizer. `cpu_fallbacks` first replaces what this host lacks: on CPU the
+CUDA-only pieces, on a GPU without flash-attn only the paged attention (`paged_attention`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from megatron.core.inference.text_generation_controllers.text_generation_control
 )
 from megatron.core.models.gpt import GPTModel
 
-from megatron_bdlora.inference.cpu_fallbacks import apply_cpu_inference_fallbacks
+from megatron_bdlora.inference.cpu_fallbacks import apply_inference_fallbacks
 
 
 class HFTokenizerAdapter:
@@ -124,7 +125,7 @@ def build_dynamic_engine(
             `num_cuda_graphs` decode batch sizes up to max_requests (the model must be built with
             `build_model(..., cuda_graphs=True)`); steps with prefill tokens, or larger, run eagerly.
     """
-    apply_cpu_inference_fallbacks()
+    apply_inference_fallbacks()
     expected_types = DynamicInferenceRequest.get_metadata_types()
     if request_metadata_types is None:
         request_metadata_types = expected_types
