@@ -54,6 +54,8 @@ def load_model_for_generation(
     hf_config = json.loads((megatron_dir / "config.json").read_text())
     settings, load = (None, None) if adapter_dir is None else load_adapter_for_model(adapter_dir, hf_config, tp, tp_rank, plain_lora_mode)
     model = build_model(hf_config, tp, settings, dtype)
+    if torch.cuda.is_available():  # built on the host (megatron's CPU init); init_parallel set this rank's device
+        model.cuda(torch.cuda.current_device())
     load_base_state_dict(model, load_megatron_rank_state(megatron_dir, tp_rank, tp))
     if load is not None:
         load(model)

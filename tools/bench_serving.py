@@ -32,7 +32,6 @@ come from rank 0's time.perf_counter.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -51,6 +50,9 @@ from typing import Any
 import torch
 
 from megatron_bdlora.atomic import atomic_write_text
+from megatron_bdlora.bench.workload import B_STD, PeftBatcher, compare_tokens
+from megatron_bdlora.bench.workload import percentile as _percentile
+from megatron_bdlora.bench.workload import write_random_adapter as _write_adapter
 
 # known-harmless noise from every rank (CPU build without Transformer Engine; megatron's older c10d names)
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -66,7 +68,6 @@ PEFT = "peft"  # transformers + PEFT mixed-adapter batching (TP 1)
 LABELS = {"block_diagonal": "BD", "slora": "S-LoRA", "replicated": "replicated", NONE: "none", PEFT: "PEFT"}
 BD_PAPER_RANKS = ("bd_2r", "bd_4r", "bd_matched")  # --paper-ranks: BD systems (and their adapter variants)
 FIRST_TOKEN_ID = 100  # prompt ids are drawn above the tokenizer's special tokens
-B_STD = 0.01  # std of the random B factors (A is scaled to unit gain): an adapter that visibly changes outputs
 _SHORT = {"all_reduce": "AR", "all_gather_into_tensor": "AG", "all_gather": "AG", "reduce_scatter_tensor": "RS",
           "reduce_scatter": "RS", "broadcast": "BC"}
 # (name in the ratio table, other system, target of BD tok/s / other tok/s at TP 1, at TP >= 2) from the serving issue
@@ -180,23 +181,6 @@ def write_adapters(root: Path, hf_config: dict, args: argparse.Namespace, varian
     return out
 
 
-def _write_adapter(path: Path, hf_config: dict, settings, tp: int, seed: int) -> str:
-    """One native checkpoint of random factors for every layer and target at `settings`' rank and blocks."""
-    from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
-    from megatron_bdlora.targets import lora_plan
-
-    g = torch.Generator().manual_seed(seed)
-    factors = {}
-    for layer in range(hf_config["num_hidden_layers"]):
-        for proj in settings.targets:
-            plan = lora_plan(hf_config, proj, settings, tp)  # stored (PEFT) shapes
-            a = torch.randn(plan.a.full_shape, generator=g) / plan.a.full_shape[1] ** 0.5  # [r, in / blocks?]
-            b = torch.randn(plan.b.full_shape, generator=g) * B_STD  # [out, r / blocks?]
-            factors[(layer, proj)] = (a, b)
-    ckpt = AdapterCheckpoint(settings, hf_config, tp, factors, base_model_name="bench")
-    return str(save_native(ckpt, path, overwrite=True))
-
-
 def expected_extra_collectives(hf_config: dict, mode: str, tp: int, rank: int) -> int:
     """Collectives a forward adds over the base model in `mode`: one per fused megatron layer whose plan has one."""
     from megatron_bdlora.config import ALL_TARGETS, LoRASettings
@@ -305,77 +289,7 @@ def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapte
                 decode_step_s=decode_step_s)
 
 
-# ---------------------------------------------------------------------------------------------------- PEFT
-
-
-class _StepTimes:
-    """A StoppingCriteria that only timestamps each generated token position (never stops)."""
-
-    def __init__(self, t0: float) -> None:
-        self.t0, self.times = t0, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.times.append(time.perf_counter() - self.t0)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
-class PeftBatcher:
-    """transformers + PEFT with the K adapters loaded, serving static batches with `adapter_names` per row."""
-
-    def __init__(self, hf_dir: Path, peft_dirs: dict[str, str], batch_size: int) -> None:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, GenerationConfig
-
-        base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        names = list(peft_dirs)
-        model = PeftModel.from_pretrained(base, peft_dirs[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(peft_dirs[name], adapter_name=name)
-        self.model = model.eval()
-        self.batch_size = batch_size
-        self.pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-        # greedy, every request runs its full length (EOS does not stop it, as ignore_eos in our loop)
-        self.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=self.pad_id)
-        self.engine_steps = 0
-
-    @torch.inference_mode()
-    def _generate(self, batch: list[dict], adapters: list[str], timer: _StepTimes) -> list[list[int]]:
-        """One left-padded batch: new tokens of each row, cut to its own output length."""
-        width = max(len(r["prompt_ids"]) for r in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [b, width]
-        mask = torch.zeros_like(ids)
-        for row, r in enumerate(batch):
-            ids[row, width - len(r["prompt_ids"]):] = torch.tensor(r["prompt_ids"])
-            mask[row, width - len(r["prompt_ids"]):] = 1
-        steps = max(r["output_len"] for r in batch)
-        config = copy.deepcopy(self.generation_config)
-        config.max_new_tokens = steps
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, adapter_names=adapters, generation_config=config,
-            stopping_criteria=[timer],
-        )  # [b, width + steps]
-        self.engine_steps += steps
-        return [out[row, width: width + r["output_len"]].tolist() for row, r in enumerate(batch)]
-
-    def replay(self, workload: list[dict], adapters: list[str], bar: Any = None) -> dict:
-        """Batches of batch_size requests in arrival order; a batch starts when its last request has arrived."""
-        steps0 = self.engine_steps
-        recs = [dict(arrival=r["arrival_s"], first=None, finish=None, tokens=[]) for r in workload]
-        decode_step_s: list[float] = []  # one decode step of generate = the gap between consecutive tokens
-        t0 = time.perf_counter()
-        for lo in range(0, len(workload), self.batch_size):
-            batch = workload[lo: lo + self.batch_size]
-            time.sleep(max(0.0, batch[-1]["arrival_s"] - (time.perf_counter() - t0)))
-            timer = _StepTimes(t0)
-            tokens = self._generate(batch, adapters[lo: lo + len(batch)], timer)
-            decode_step_s += [b - a for a, b in zip(timer.times, timer.times[1:])]
-            for j, (r, toks) in enumerate(zip(batch, tokens)):
-                rec = recs[lo + j]
-                rec["tokens"], rec["first"], rec["finish"] = toks, timer.times[0], timer.times[r["output_len"] - 1]
-            if bar is not None:
-                bar.update(len(batch))
-        return dict(requests=recs, engine_steps=self.engine_steps - steps0, decode_steps=len(decode_step_s),
-                    decode_collectives=None, decode_step_s=decode_step_s)
+# PEFT's peer (PeftBatcher) is megatron_bdlora.bench.workload's, shared with the prepared GPU check.
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -478,15 +392,6 @@ def format_profiles(rows: dict[str, dict]) -> str:
 # ---------------------------------------------------------------------------------------------------- summary
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def run_metrics(run: dict) -> dict:
     """Throughput and latency of one replay from its per-request times (seconds from the first arrival)."""
     recs = run["requests"]
@@ -530,25 +435,6 @@ def summarise_system(name: str, label: str, result: dict) -> dict:
         outputs_same_every_repeat=stable,
         tokens=first,
         profile=result.get("profile"),
-    )
-
-
-def compare_tokens(ours: list[list[int]], other: list[list[int]]) -> dict:
-    """Greedy-output agreement: requests that differ, and where each first diverges (None: identical)."""
-    firsts = []
-    for a, b in zip(ours, other):
-        pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if pos is None and len(a) != len(b):
-            pos = min(len(a), len(b))
-        firsts.append(pos)
-    total = sum(len(a) for a in ours)
-    prefix = sum(len(a) if p is None else p for a, p in zip(ours, firsts))
-    return dict(
-        requests=len(ours),
-        mismatches=sum(p is not None for p in firsts),
-        exact_match_requests=sum(p is None for p in firsts),
-        first_divergence=firsts,
-        tokens_before_first_divergence=prefix / total if total else 1.0,
     )
 
 

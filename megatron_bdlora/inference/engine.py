@@ -200,7 +200,7 @@ class ServingLoop:
         hf_config = json.loads((Path(config.megatron_dir) / "config.json").read_text())
         settings = serving_settings(config.mode, info.tp_size, config.max_lora_rank)
         model = build_model(hf_config, info.tp_size, settings, config.dtype, slots=config.max_loras,
-                            cuda_graphs=config.cuda_graphs)
+                            cuda_graphs=config.cuda_graphs).to(info.device)  # built on the host (megatron's CPU init)
         load_base_state_dict(model, load_megatron_rank_state(Path(config.megatron_dir), info.tp_rank, info.tp_size))
         tokenizer = AutoTokenizer.from_pretrained(config.megatron_dir)
         return cls(config, info, model.eval(), tokenizer)
