@@ -146,6 +146,11 @@ def build_model(
     cuda_graphs: layers captured in megatron's CUDA graphs by the serving engine (see transformer_config).
     """
     config = transformer_config(hf_config, tp, dtype, cuda_graphs)
+    if cuda_graphs:  # each layer's graph manager, made with the layer, asserts megatron's graph-safe RNG tracker
+        from megatron.core import tensor_parallel
+
+        # the seed only feeds dropout, which is off in these models
+        tensor_parallel.model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True, force_reset_rng=True)
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(hf_config, lora, slots),

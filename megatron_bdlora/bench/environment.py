@@ -26,8 +26,8 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
 
 
 def code_version(commit: str | None = None) -> dict:
-    """The commit of the package that ran and the tracked files changed since; `commit` when there is no git
-    checkout (a copied working tree on a GPU node)."""
+    """The commit of the package that ran and the tracked files changed since; `commit`, when given, names it
+    (a working tree copied to a GPU node may carry a stale .git)."""
     repo = Path(__file__).resolve().parents[2]
 
     def git(*cmd: str) -> str | None:
@@ -38,7 +38,7 @@ def code_version(commit: str | None = None) -> dict:
             return None
 
     changed = git("status", "--porcelain", "--untracked-files=no")
-    return dict(commit=git("rev-parse", "HEAD") or commit,
+    return dict(commit=commit or git("rev-parse", "HEAD"),
                 modified_files=None if changed is None else [ln[3:] for ln in changed.splitlines()])
 
 

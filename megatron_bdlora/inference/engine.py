@@ -113,7 +113,7 @@ class ServingLoop:
         self._slot_buffers = None  # the step's slot metadata, refilled in place (CUDA-graph safe)
         model.register_forward_pre_hook(self._set_step_slots, with_kwargs=True)  # before the engine captures graphs
         if config.cuda_graphs:
-            self._prepare_cuda_graphs(model, config.seed)
+            self._prepare_cuda_graphs(model)
         for slot in range(config.max_loras):
             write_slot(model, slot, None)
         self.engine = build_dynamic_engine(
@@ -165,16 +165,15 @@ class ServingLoop:
 
     # ---------------------------------------------------------------- construction
     @staticmethod
-    def _prepare_cuda_graphs(model: torch.nn.Module, seed: int) -> None:
-        """What megatron's CUDA graphs need from us: a GPU, its graph-safe RNG tracker, and LoRA kernel launches
-        sized for the slots' capacity (adapters are loaded after the capture)."""
-        from megatron.core import tensor_parallel
+    def _prepare_cuda_graphs(model: torch.nn.Module) -> None:
+        """What megatron's CUDA graphs need from us (beyond build_model's graph-safe RNG tracker): no graphs of an
+        earlier engine in its process-wide record, and LoRA kernel launches sized for the slots' capacity
+        (adapters are loaded after the capture)."""
         from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 
         from megatron_bdlora.layers import LoRAAdapter
 
         delete_cuda_graphs()  # megatron keeps graphs in one process-wide record: an earlier engine's would be replayed
-        tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
         for module in model.modules():
             if isinstance(module, LoRAAdapter):
                 module.enable_graph_launch(GRAPH_MAX_BLOCKS)
