@@ -61,6 +61,8 @@ def init_parallel(tp_size: int, seed: int = 1234, backend: str | None = None) ->
     if world_size % tp_size:
         raise ValueError(f"world size {world_size} is not divisible by tensor-parallel size {tp_size}")
     use_cuda = torch.cuda.is_available()
+    if use_cuda:  # before the group: nccl's communicators (and barrier) use the current device
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -70,8 +72,6 @@ def init_parallel(tp_size: int, seed: int = 1234, backend: str | None = None) ->
             world_size=world_size,
             timeout=datetime.timedelta(minutes=10),
         )
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
     if not apply_cpu_shims(seed):

@@ -1,13 +1,13 @@
-"""Test helpers: random adapters in PEFT's stored layout, and the transformers + PEFT reference model."""
+"""Test helpers: random adapters in PEFT's stored layout, random Llamas, and the transformers + PEFT reference model
+(`peft_model`, which lives in megatron_bdlora.bench.peft_reference: the GPU check needs it at run time too)."""
 
 from __future__ import annotations
 
 import torch
 
-from megatron_bdlora.config import COLUMN_TARGETS, ROW_TARGETS, LoRASettings
-from megatron_bdlora.targets import llama_projections, lora_plan
-
-Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+from megatron_bdlora.bench.peft_reference import Factors, peft_model  # noqa: F401  (re-exported for the tests)
+from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.targets import lora_plan
 
 
 def random_factors(hf_config: dict, settings: LoRASettings, seed: int, scale: float = 0.05) -> Factors:
@@ -22,37 +22,6 @@ def random_factors(hf_config: dict, settings: LoRASettings, seed: int, scale: fl
             b = torch.randn(plan.b.full_shape, generator=g) * scale
             out[(layer, proj)] = (a, b)
     return out
-
-
-def peft_model(hf_model: torch.nn.Module, settings: LoRASettings, factors: Factors) -> torch.nn.Module:
-    """transformers + PEFT with exactly these factors (BD config when the settings are block-diagonal)."""
-    from peft import BdLoraConfig, LoraConfig, get_peft_model, set_peft_model_state_dict
-
-    kwargs = {}
-    if settings.mode.value == "block_diagonal":
-        kwargs["use_bdlora"] = BdLoraConfig(
-            target_modules_bd_a=[t for t in ROW_TARGETS if t in settings.targets],
-            target_modules_bd_b=[t for t in COLUMN_TARGETS if t in settings.targets],
-            nblocks=settings.nblocks,
-        )
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        use_rslora=settings.use_rslora,
-        target_modules=list(settings.targets),
-        lora_dropout=0.0,
-        **kwargs,
-    )
-    model = get_peft_model(hf_model, config)
-    modules = {p.name: p.hf_module for p in llama_projections(hf_model.config).values()}
-    state = {}
-    for (layer, proj), (a, b) in factors.items():
-        prefix = f"base_model.model.model.layers.{layer}.{modules[proj]}.{proj}"
-        state[f"{prefix}.lora_A.weight"] = a
-        state[f"{prefix}.lora_B.weight"] = b
-    result = set_peft_model_state_dict(model, state)
-    assert not result.unexpected_keys, result.unexpected_keys
-    return model.eval()
 
 
 RANDOM_LLAMA = dict(

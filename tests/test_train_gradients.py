@@ -89,7 +89,7 @@ def reference_grads(run_dir, step: int, chat_file) -> tuple[dict, float]:
 
     from megatron_bdlora.base_models import resolve_hf_base
     from megatron_bdlora.training.data import GlobalBatchSampler, collate, load_examples
-    from peft_reference import peft_model
+    from megatron_bdlora.bench.peft_reference import peft_model
 
     random_config = yaml.safe_load(TINY.read_text())["model"]["random_config"]
     hf_dir = resolve_hf_base("smollm2-135m-instruct", random_config, SEED)

@@ -23,11 +23,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
-import datasets
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ def load_examples(path: str | os.PathLike, fmt: str, tokenizer: Any, seq_length:
         columns = _pack_text(path, tokenizer, seq_length)
     else:
         columns = _chat_examples(path, tokenizer, seq_length)
+    import datasets  # only here: the trainer's other imports of this module (sampler, collate) run without it
+
     dataset = datasets.Dataset.from_dict(
         columns,
         features=datasets.Features(

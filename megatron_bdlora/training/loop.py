@@ -93,13 +93,19 @@ def _init_adapter(path: str, settings, hf_config: dict, tp: int, tp_rank: int) -
 def _causal(ids: torch.Tensor) -> torch.Tensor:
     from megatron_bdlora.model import causal_mask
 
-    return causal_mask(torch.ones_like(ids))
+    return causal_mask(torch.ones_like(ids, device="cpu")).to(ids.device)  # causal_mask builds on the host
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated micro-batch on the device the model computes on (ParallelInfo.device; a no-op on CPU)."""
+    return {name: t.to(device) for name, t in batch.items()}
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token cross-entropy [b, s] from megatron's vocab-parallel loss (no logits gathered)."""
+    """Per-token cross-entropy [b, s] from megatron's vocab-parallel loss (no logits gathered); the batch must be on
+    the model's device."""
     ids = batch["input_ids"]
-    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     return model(ids, pos, _causal(ids), labels=batch["labels"]).float()
 
 
@@ -123,6 +129,8 @@ class Trainer:
         load_base_state_dict(self.model, load_megatron_rank_state(run.megatron_dir, self.info.tp_rank, run.tp))
         if run.init_adapter is not None:
             run.init_adapter(self.model)
+        # built and loaded on the host (megatron's CPU initialisation), computed on this rank's device
+        self.model.to(self.info.device)
         self.dp_group = parallel_state.get_data_parallel_group()
         micro, dp = cfg.parallel.micro_batch_size, run.dp
         self.grad_accum = run.grad_accum
@@ -137,7 +145,7 @@ class Trainer:
 
     # -- data-parallel helpers -------------------------------------------------------------------------
     def _dp_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.info.device)  # nccl reduces device tensors only
         dist.all_reduce(t, group=self.dp_group)
         return t.item()
 
@@ -161,6 +169,7 @@ class Trainer:
         loss_sum = 0.0
         self.engine.train()
         for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.info.device)
             per_token = token_losses(self.engine, batch)
             summed = (per_token * batch["loss_mask"]).sum()
             self.engine.backward(summed * scale)
@@ -204,7 +213,7 @@ class Trainer:
             start = (j * self.run_info.dp + self.info.dp_rank) * micro
             if start >= n:
                 break
-            batch = collate(data, list(range(start, min(n, start + micro))))
+            batch = to_device(collate(data, list(range(start, min(n, start + micro)))), self.info.device)
             loss_sum += float((token_losses(self.engine, batch) * batch["loss_mask"]).sum())
             tokens += float(batch["loss_mask"].sum())
         loss = self._dp_sum(loss_sum) / max(1.0, self._dp_sum(tokens))
@@ -223,6 +232,7 @@ class Trainer:
             tp_group = parallel_state.get_tensor_model_parallel_group()
             states = [None] * self.run_info.tp if self.info.tp_rank == 0 else None
             local = adapter_state_dict(self.model) if state is None else state
+            local = {key: t.cpu() for key, t in local.items()}  # host copies: pickled to rank 0, written from there
             dist.gather_object(local, states, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
             if self.info.rank == 0:
                 save_native_rank_states(

@@ -40,7 +40,7 @@ def stage0_grad_norm(params: list[torch.nn.Parameter], tp_group: dist.ProcessGro
     from megatron.core import parallel_state
 
     first = parallel_state.get_tensor_model_parallel_rank() == 0
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)  # nccl: on the device
     for p in params:
         if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False)):
             sq += p.grad.detach().double().pow(2).sum()
