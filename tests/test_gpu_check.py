@@ -22,12 +22,12 @@ def test_smoke_run_passes_every_part_and_writes_both_reports(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     statuses = {p["name"]: p["status"] for p in report["parts"]}
     assert statuses == {"kernels": "ok", "engine_exactness": "ok", "engine_exactness_graphs": "skipped",
-                        "training": "ok", "serving_speed": "ok"}, statuses
+                        "training": "ok", "serve_cli": "ok", "serving_speed": "ok"}, statuses
     assert report["smoke"] and report["environment"]["code"]["commit"] == "abc123"
     assert report["environment"]["attention"] == "torch-cpu"
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "| engine_exactness_graphs | skipped |" in markdown and "CUDA graphs need a GPU" in markdown
-    for part in ("kernels", "engine_exactness", "training", "serving_speed"):
+    for part in ("kernels", "engine_exactness", "training", "serve_cli", "serving_speed"):
         assert f"## {part}" in markdown
 
 

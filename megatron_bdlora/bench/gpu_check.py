@@ -64,12 +64,19 @@ def _speed(smoke: bool, budget_s: float) -> PartResult:
     return speed_part(smoke, budget_s, graphs_modes=(False, True) if torch.cuda.is_available() else (False,))
 
 
+def _serve_cli(smoke: bool, budget_s: float) -> PartResult:
+    from megatron_bdlora.bench.gpu_serve_cli import gpu_check_part
+
+    return gpu_check_part(smoke, budget_s)
+
+
 PARTS = (
     Part("kernels", 0.20, 20, _kernels),
     Part("engine_exactness", 0.12, 20, _exactness(False)),
     Part("engine_exactness_graphs", 0.12, 20, _exactness(True)),
-    Part("training", 0.14, 20, _training),
-    Part("serving_speed", 0.42, 40, _speed),
+    Part("training", 0.12, 20, _training),
+    Part("serve_cli", 0.10, 30, _serve_cli),
+    Part("serving_speed", 0.34, 40, _speed),
 )
 
 
