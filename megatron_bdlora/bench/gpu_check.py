@@ -102,11 +102,11 @@ def run_check(out_dir: Path, smoke: bool, budget_s: float, commit: str | None = 
     start = time.perf_counter()
     env = environment(commit)
     results: list[PartResult] = []
-    for part in PARTS:
-        if only and part.name not in only:
-            continue
+    parts = [part for part in PARTS if not only or part.name in only]
+    whole = sum(part.share for part in parts)  # a subset shares the whole budget
+    for part in parts:
         left = budget_s - (time.perf_counter() - start)
-        share = min(left, part.share * budget_s)
+        share = min(left, part.share / whole * budget_s)
         print(f"[gpu_check] {part.name}: up to {share:.0f} s ({left:.0f} s left)", flush=True)
         result = run_part(part.name, lambda p=part, s=share: p.run(smoke, s), share, part.min_s)
         print(f"[gpu_check] {part.name}: {result.status} in {result.seconds:.0f} s {result.why}", flush=True)
