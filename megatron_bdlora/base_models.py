@@ -11,10 +11,16 @@ from pathlib import Path
 
 import torch
 
-from megatron_bdlora.checkpoint.base_model import CACHE_NAME, exclusive_lock, default_cache_dir, ensure_base_model
+from megatron_bdlora.checkpoint.base_model import CACHE_NAME, default_cache_dir, ensure_base_model, exclusive_lock
 
 EMBEDDED = "smollm2-135m-instruct"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def cache_root() -> Path:
@@ -35,7 +41,9 @@ def resolve_hf_base(base: str, random_config: dict | None = None, seed: int = 0)
     """The HF model directory of a run's base model (converting / generating it into the cache once)."""
     hf_dir = ensure_base_model() if base in (EMBEDDED, CACHE_NAME) else Path(base)
     if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"base model {base!r}: {hf_dir}/config.json does not exist (an HF model directory or {EMBEDDED!r})")
+        raise FileNotFoundError(
+            f"base model {base!r}: {hf_dir}/config.json does not exist (an HF model directory or {EMBEDDED!r})"
+        )
     if not random_config:
         return hf_dir
     key = json.dumps(random_config, sort_keys=True) + f"/seed={seed}"
@@ -47,8 +55,9 @@ def resolve_hf_base(base: str, random_config: dict | None = None, seed: int = 0)
     return out
 
 
-def random_llama_config(base_config: dict, random_config: dict) -> dict:
-    """LlamaConfig fields of a random model: the base's vocabulary, special tokens and context, then random_config."""
+def random_base_config(base_config: dict, random_config: dict) -> dict:
+    """LlamaConfig fields of the random base model a run's `model.random_config` asks for: the base's vocabulary,
+    special tokens and context, then random_config."""
     keep = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
     return {k: base_config[k] for k in keep if k in base_config} | dict(random_config)
 
@@ -59,7 +68,7 @@ def _write_random_llama(tokenizer_dir: Path, random_config: dict, seed: int, out
 
     from megatron_bdlora.atomic import atomic_directory
 
-    cfg = random_llama_config(json.loads((tokenizer_dir / "config.json").read_text()), random_config)
+    cfg = random_base_config(json.loads((tokenizer_dir / "config.json").read_text()), random_config)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).float()
     with atomic_directory(out, overwrite=True) as tmp:

@@ -1,15 +1,37 @@
-"""LoRA settings shared by layers, the model builder, checkpoints and training configs."""
+"""LoRA settings shared by layers, the model builder, checkpoints and training configs, and the projection table
+their targets are named from."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from megatron_bdlora.sharding import Mode, parse_mode
+from megatron_bdlora.sharding import LayerKind, Mode, parse_mode
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-COLUMN_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # block-diagonal B in BD mode
-ROW_TARGETS = ("o_proj", "down_proj")  # block-diagonal A in BD mode
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """One megatron linear layer of a Llama decoder layer and the HF projections it carries."""
+
+    name: str  # megatron's: linear_qkv, linear_proj, linear_fc1, linear_fc2
+    megatron_module: str  # the megatron submodule holding it: "self_attention" or "mlp"
+    hf_module: str  # the HF module holding its projections: "self_attn" or "mlp"
+    kind: LayerKind
+    projections: tuple[str, ...]  # HF names (PEFT's target names), in fused order
+
+
+# The projection table: which megatron layer fuses which HF projections, and its kind. Every list of targets,
+# kinds and fusions in the package derives from it.
+FUSED_LAYERS = (
+    FusedLayer("linear_qkv", "self_attention", "self_attn", LayerKind.COLUMN, ("q_proj", "k_proj", "v_proj")),
+    FusedLayer("linear_proj", "self_attention", "self_attn", LayerKind.ROW, ("o_proj",)),
+    FusedLayer("linear_fc1", "mlp", "mlp", LayerKind.COLUMN, ("gate_proj", "up_proj")),
+    FusedLayer("linear_fc2", "mlp", "mlp", LayerKind.ROW, ("down_proj",)),
+)
+ALL_TARGETS = tuple(p for layer in FUSED_LAYERS for p in layer.projections)
+# BD mode: column targets have a block-diagonal B, row targets a block-diagonal A
+COLUMN_TARGETS = tuple(p for layer in FUSED_LAYERS if layer.kind is LayerKind.COLUMN for p in layer.projections)
+ROW_TARGETS = tuple(p for layer in FUSED_LAYERS if layer.kind is LayerKind.ROW for p in layer.projections)
 
 
 @dataclass(frozen=True)

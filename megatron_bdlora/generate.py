@@ -14,10 +14,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from megatron_bdlora.model import forward_logits
+from megatron_bdlora.checkpoint.reader import read_adapter
+from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.model import forward_logits, load_adapter_state_dict
 
 
 @torch.no_grad()
@@ -43,16 +46,26 @@ def greedy_generate(
     return new
 
 
+def load_adapter_for_model(
+    adapter_dir: str | Path, hf_config: dict, tp: int, tp_rank: int, plain_lora_mode: str = "replicated"
+) -> tuple[LoRASettings, Callable[[torch.nn.Module], None]]:
+    """(settings to build the model with, loader of this rank's slices) for an adapter directory, in its own mode."""
+    adapter = read_adapter(adapter_dir, hf_config, tp, plain_lora_mode=plain_lora_mode)
+    state = adapter.rank_state(tp_rank)
+    return adapter.settings, lambda model: load_adapter_state_dict(model, state)
+
+
 def load_model_for_generation(
     megatron_dir: Path, tp: int, tp_rank: int, adapter_dir: Path | None, dtype: str, plain_lora_mode: str = "replicated"
 ) -> torch.nn.Module:
     """Base model from a megatron checkpoint, with an adapter (native or PEFT directory) when given."""
-    from megatron_bdlora.adapter_loading import load_adapter_for_model
     from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
     from megatron_bdlora.model import build_model, load_base_state_dict
 
     hf_config = json.loads((megatron_dir / "config.json").read_text())
-    settings, load = (None, None) if adapter_dir is None else load_adapter_for_model(adapter_dir, hf_config, tp, tp_rank, plain_lora_mode)
+    settings, load = None, None
+    if adapter_dir is not None:
+        settings, load = load_adapter_for_model(adapter_dir, hf_config, tp, tp_rank, plain_lora_mode)
     model = build_model(hf_config, tp, settings, dtype)
     if torch.cuda.is_available():  # built on the host (megatron's CPU init); init_parallel set this rank's device
         model.cuda(torch.cuda.current_device())

@@ -12,7 +12,7 @@ interleaved into megatron's fused layout in `groups` groups (query groups for qk
 Adapters are stacks of `slots` (training: 1); a serving engine selects a slot per token with
 `set_lora_slots`, reusing the same sharding arithmetic. The layer's plan is the *capacity* of a slot; a
 slot can hold any smaller adapter of the same mode (lower rank, more blocks per rank), loaded with
-`load_slot` under that adapter's own plan and computed on its own slice of the slot (ops.FactorView).
+`load_slot` under that adapter's own plan and computed on its own slice of the slot (lora_batch.FactorView).
 """
 
 from __future__ import annotations
@@ -29,16 +29,8 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.ops import (
-    FactorView,
-    GraphLaunch,
-    OutputLayout,
-    SlotBatch,
-    SlotViews,
-    lora_expand,
-    lora_shrink,
-    matmul_packed,
-)
+from megatron_bdlora.lora_batch import FactorView, GraphLaunch, OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.ops import lora_expand, lora_shrink, matmul_packed
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
 
@@ -92,7 +84,8 @@ class LoRAAdapter(nn.Module):
         """PEFT's init, TP-invariant: A sliced from one seeded full master tensor, B zero (slot 0; others empty)."""
         self.lora_A.zero_()
         self.lora_B.zero_()
-        self.lora_A[0] = self.plan.a.shard(init_lora_a(self.plan.a.full_shape, seed), self.tp_rank).to(self.lora_A.dtype)
+        a_full = init_lora_a(self.plan.a.full_shape, seed)
+        self.lora_A[0] = self.plan.a.shard(a_full, self.tp_rank).to(self.lora_A.dtype)
 
     def _factor(self, param: torch.Tensor, shard: FactorShard) -> torch.Tensor:
         return sum_grad_over_tp(param, self.tp_group) if shard.replicated else param
@@ -132,7 +125,9 @@ class LoRAAdapter(nn.Module):
         return FactorView(*a.local_shape, a.local_blocks), FactorView(*b.local_shape, b.local_blocks)
 
     @torch.no_grad()
-    def load_slot(self, slot: int, a_local: torch.Tensor, b_local: torch.Tensor, plan: ShardingPlan, scaling: float) -> None:
+    def load_slot(
+        self, slot: int, a_local: torch.Tensor, b_local: torch.Tensor, plan: ShardingPlan, scaling: float
+    ) -> None:
         """Put this rank's slices of an adapter with its own plan (rank, nblocks) into a slot (serving)."""
         cap = self.plan
         if (plan.kind, plan.mode, plan.d_in, plan.d_out, plan.tp) != (cap.kind, cap.mode, cap.d_in, cap.d_out, cap.tp):
@@ -168,7 +163,9 @@ class LoRAAdapter(nn.Module):
         self.b_table[slot] = self.b_views.table()[slot]
 
     @torch.no_grad()
-    def load_full_factors(self, a_full: torch.Tensor, b_full: torch.Tensor, slot: int = 0, scaling: float | None = None) -> None:
+    def load_full_factors(
+        self, a_full: torch.Tensor, b_full: torch.Tensor, slot: int = 0, scaling: float | None = None
+    ) -> None:
         """Set a slot from the full stored forms (PEFT layout); each rank keeps its slice."""
         self.lora_A[slot] = self.plan.a.shard(a_full, self.tp_rank).to(self.lora_A.dtype)
         self.lora_B[slot] = self.plan.b.shard(b_full, self.tp_rank).to(self.lora_B.dtype)
@@ -180,7 +177,9 @@ class LoRAAdapter(nn.Module):
     def gather_full_factors(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The full stored forms of A and B, assembled from every TP rank (collective)."""
         return tuple(  # type: ignore[return-value]
-            shard.unshard(_all_gather_list(param[slot], self.tp_group)) if shard.split_dim is not None else param[slot].clone()
+            shard.unshard(_all_gather_list(param[slot], self.tp_group))
+            if shard.split_dim is not None
+            else param[slot].clone()
             for param, shard in ((self.lora_A, self.plan.a), (self.lora_B, self.plan.b))
         )
 
@@ -219,8 +218,11 @@ class LoRALayerSpec:
     freeze_base: bool = True
 
 
-class _LoRAParallelMixin:
-    """Shared LoRA machinery of both parallel layer kinds; the kind decides the plan, nothing else."""
+class LoRAParallelLinear:
+    """A megatron parallel linear layer with LoRA adapters: the machinery both kinds share (the kind decides the plan).
+
+    Mixed in ahead of Column/RowParallelLinear; `isinstance(m, LoRAParallelLinear)` finds every LoRA layer of a model.
+    """
 
     kind: LayerKind
 
@@ -228,7 +230,9 @@ class _LoRAParallelMixin:
         from megatron.core.utils import get_pg_rank, get_pg_size
 
         if self.config.sequence_parallel and self.kind is LayerKind.COLUMN:
-            raise ValueError("LoRA column layers need sequence_parallel=False (the LoRA input must be the full sequence)")
+            raise ValueError(
+                "LoRA column layers need sequence_parallel=False (the LoRA input must be the full sequence)"
+            )
         tp, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
         groups = tp if spec.groups is None else spec.groups
         if groups < 1 or groups % tp:
@@ -299,7 +303,8 @@ class _LoRAParallelMixin:
             return next(iter(outputs.values()))
         like = next(iter(outputs.values()))
         outputs = [
-            outputs[n] if n in outputs else like.new_zeros(*like.shape[:-1], w) for n, w in self.lora_local_widths.items()
+            outputs[n] if n in outputs else like.new_zeros(*like.shape[:-1], w)
+            for n, w in self.lora_local_widths.items()
         ]
         g = self.lora_local_groups
         grouped = [o.reshape(*o.shape[:-1], g, o.shape[-1] // g) for o in outputs]  # [..., g, out_s/g]
@@ -362,7 +367,7 @@ class _LoRAParallelMixin:
         self.lora_merged = False
 
 
-class LoRAColumnParallelLinear(_LoRAParallelMixin, ColumnParallelLinear):
+class LoRAColumnParallelLinear(LoRAParallelLinear, ColumnParallelLinear):
     """ColumnParallelLinear (q/k/v, gate/up) with LoRA; BD mode adds no communication at all."""
 
     kind = LayerKind.COLUMN
@@ -377,7 +382,7 @@ class LoRAColumnParallelLinear(_LoRAParallelMixin, ColumnParallelLinear):
         self._init_lora(lora, input_size)
 
 
-class LoRARowParallelLinear(_LoRAParallelMixin, RowParallelLinear):
+class LoRARowParallelLinear(LoRAParallelLinear, RowParallelLinear):
     """RowParallelLinear (o, down) with LoRA; the LoRA partial rides the base layer's all-reduce."""
 
     kind = LayerKind.ROW
@@ -385,7 +390,9 @@ class LoRARowParallelLinear(_LoRAParallelMixin, RowParallelLinear):
     def __init__(self, input_size: int, output_size: int, *, lora: LoRALayerSpec, **kwargs) -> None:
         super().__init__(input_size, output_size, **kwargs)
         if len(lora.projections) != 1 or lora.projections[0][1] != output_size:
-            raise ValueError(f"{lora.layer_name}: a row layer takes one projection of d_out={output_size}, got {lora.projections}")
+            raise ValueError(
+                f"{lora.layer_name}: a row layer takes one projection of d_out={output_size}, got {lora.projections}"
+            )
         self._init_lora(lora, input_size)
 
 

@@ -1,4 +1,4 @@
-"""Llama-architecture megatron-core GPTModel built from a Hugging Face config, with LoRA on any of the seven projections.
+"""Llama-architecture megatron-core GPTModel built from a Hugging Face config, LoRA on any of the seven projections.
 
 Megatron's local layer spec (no transformer-engine): RMSNorm, SwiGLU with [gate; up] fused in `linear_fc1`,
 RoPE (rotate-half, the config's theta, Llama-3.1 frequency scaling), grouped-query attention.
@@ -26,27 +26,14 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.layers import LoRAColumnParallelLinear, LoRALayerSpec, LoRARowParallelLinear, _LoRAParallelMixin
-from megatron_bdlora.checkpoint.hf import check_llama_config as check_checkpoint_config
 from megatron_bdlora.checkpoint.hf import padded_vocab_size
+from megatron_bdlora.config import FUSED_LAYERS, LoRASettings
+from megatron_bdlora.layers import LoRAColumnParallelLinear, LoRALayerSpec, LoRAParallelLinear, LoRARowParallelLinear
 from megatron_bdlora.rope import Llama3RopeScaling, llama3_rope_scaling, rope_theta
-from megatron_bdlora.targets import llama_projections
+from megatron_bdlora.sharding import LayerKind
+from megatron_bdlora.targets import check_llama_config, llama_projections
 
-# megatron layer -> HF projections it fuses, in fused order
-FUSED = {
-    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
-}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_llama_config(hf_config: dict, tp: int) -> None:
-    """Reject what the builder cannot represent exactly (the converter's checks, plus RoPE scaling)."""
-    check_checkpoint_config(hf_config, tp)
-    llama3_rope_scaling(hf_config)
 
 
 def _apply_llama3_rope_scaling(model: GPTModel, scaling: Llama3RopeScaling) -> None:
@@ -61,7 +48,9 @@ def _apply_llama3_rope_scaling(model: GPTModel, scaling: Llama3RopeScaling) -> N
     rope.inv_freq = rope._apply_scaling(rope.inv_freq, **dataclasses.asdict(scaling))  # [head_dim / 2]
 
 
-def transformer_config(hf_config: dict, tp: int, dtype: str = "float32", cuda_graphs: bool = False) -> TransformerConfig:
+def transformer_config(
+    hf_config: dict, tp: int, dtype: str = "float32", cuda_graphs: bool = False
+) -> TransformerConfig:
     """megatron TransformerConfig equivalent to an HF LlamaConfig (dropout off, no fusions needing CUDA).
 
     cuda_graphs: megatron's own ("local") CUDA graphs, one per transformer layer and decode batch size, which its
@@ -111,24 +100,19 @@ def _layer_spec(hf_config: dict, lora: LoRASettings | None, slots: int = 1) -> M
         return spec
     projections = llama_projections(hf_config)
     groups = {"linear_qkv": hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]}
-    holders = {
-        "linear_qkv": spec.submodules.self_attention.submodules,
-        "linear_proj": spec.submodules.self_attention.submodules,
-        "linear_fc1": spec.submodules.mlp.submodules,
-        "linear_fc2": spec.submodules.mlp.submodules,
-    }
-    for layer, names in FUSED.items():
-        if not set(names) & set(lora.targets):
+    for layer in FUSED_LAYERS:
+        if not set(layer.projections) & set(lora.targets):
             continue
-        cls = LoRAColumnParallelLinear if projections[names[0]].kind.value == "column" else LoRARowParallelLinear
+        cls = LoRAColumnParallelLinear if layer.kind is LayerKind.COLUMN else LoRARowParallelLinear
         lspec = LoRALayerSpec(
             settings=lora,
-            projections=tuple((n, projections[n].d_out) for n in names),
-            groups=groups.get(layer),
-            layer_name=layer,
+            projections=tuple((n, projections[n].d_out) for n in layer.projections),
+            groups=groups.get(layer.name),
+            layer_name=layer.name,
             slots=slots,
         )
-        setattr(holders[layer], layer, ModuleSpec(module=cls, params={"lora": lspec}))
+        holder = getattr(spec.submodules, layer.megatron_module).submodules
+        setattr(holder, layer.name, ModuleSpec(module=cls, params={"lora": lspec}))
     return spec
 
 
@@ -170,17 +154,17 @@ def build_model(
             param.requires_grad_(".lora." in name)
     for l_idx, layer in enumerate(model.decoder.layers):
         for module in layer.modules():
-            if isinstance(module, _LoRAParallelMixin):
+            if isinstance(module, LoRAParallelLinear):
                 module.reset_lora_parameters(f"layers.{l_idx}.{module.lora_spec.layer_name}")
     return model
 
 
-def lora_layers(model: GPTModel) -> dict[tuple[int, str], tuple[_LoRAParallelMixin, str]]:
+def lora_layers(model: GPTModel) -> dict[tuple[int, str], tuple[LoRAParallelLinear, str]]:
     """(layer index, HF projection) -> (the parallel layer carrying it, projection name)."""
     out = {}
     for l_idx, layer in enumerate(model.decoder.layers):
         for module in layer.modules():
-            if isinstance(module, _LoRAParallelMixin):
+            if isinstance(module, LoRAParallelLinear):
                 for proj in module.lora:
                     out[(l_idx, proj)] = (module, proj)
     return out
@@ -195,7 +179,8 @@ def adapter_state_dict(
     for (l_idx, proj), (module, name) in lora_layers(model).items():
         ad = module.lora[name]
         for factor, param in (("A", ad.lora_A), ("B", ad.lora_B)):
-            state[f"layers.{l_idx}.{proj}.lora_{factor}"] = (param if value is None else value(param))[slot].detach().clone()
+            tensor = param if value is None else value(param)
+            state[f"layers.{l_idx}.{proj}.lora_{factor}"] = tensor[slot].detach().clone()
     return state
 
 
@@ -205,7 +190,7 @@ def load_adapter_state_dict(
 ) -> None:
     """Load this rank's shards (native keys) into a slot; every key must match a LoRA layer exactly."""
     layers = lora_layers(model)
-    expected = {f"layers.{l}.{p}.lora_{f}" for (l, p) in layers for f in "AB"}
+    expected = {f"layers.{l_idx}.{p}.lora_{f}" for (l_idx, p) in layers for f in "AB"}
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
         raise ValueError(f"adapter keys do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -214,7 +199,9 @@ def load_adapter_state_dict(
         for f, param in (("A", ad.lora_A), ("B", ad.lora_B)):
             key = f"layers.{l_idx}.{proj}.lora_{f}"
             if tuple(state[key].shape) != tuple(param.shape[1:]):
-                raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape[1:])}")
+                raise ValueError(
+                    f"adapter tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape[1:])}"
+                )
             param[slot] = state[key].to(param.dtype)
         if scaling is not None:
             ad.scaling[slot] = scaling
@@ -241,7 +228,9 @@ def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return future[None, None] | pad
 
 
-def forward_logits(model: GPTModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def forward_logits(
+    model: GPTModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Full-vocabulary logits [b, s, V] (gathered over TP, vocab padding dropped); left padding is exact."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -261,7 +250,9 @@ def load_full_adapter(
     layers = lora_layers(model)
     if set(factors) != set(layers):
         missing, extra = sorted(set(layers) - set(factors)), sorted(set(factors) - set(layers))
-        raise ValueError(f"adapter does not match the model's LoRA layers: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ValueError(
+            f"adapter does not match the model's LoRA layers: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     for key, (module, name) in layers.items():
         try:
             module.lora[name].load_full_factors(*factors[key], slot=slot, scaling=scaling)

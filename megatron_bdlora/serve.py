@@ -24,16 +24,16 @@ import sys
 import threading
 import traceback
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import uvicorn
 import yaml
 
+from megatron_bdlora.config_file import ConfigError, build_section
+from megatron_bdlora.inference.engine import ServingConfig
 from megatron_bdlora.sharding import Mode
-from megatron_bdlora.training.config import ConfigError
-from megatron_bdlora.training.config import _build as build_section
 
 if TYPE_CHECKING:
     from megatron_bdlora.inference.engine import ServingLoop
@@ -43,45 +43,62 @@ DTYPES = ("float32", "bfloat16", "float16")
 ON_OFF = ("on", "off")
 
 
-def _opt(help: str, default: Any = None, engine: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "engine": engine})
+def _opt(help: str, default: Any = None, engine: bool = False, required: bool = False) -> Any:
+    """A ServeOptions field; `engine`: a ServingConfig field of the same name (whose default --help shows, unless the
+    CLI requires the setting); `{default}` in the help places the default, which otherwise ends it."""
+    return field(default=default, metadata={"help": help, "engine": engine, "required": required})
 
 
 @dataclass
 class ServeOptions:
-    """Every serving setting: a --config YAML key, or the flag of the same name (which wins). None: the engine's default."""
+    """Every serving setting: a --config YAML key, or the flag of the same name (which wins).
+
+    None: the engine's default (ServingConfig's, which --help shows)."""
 
     megatron_dir: str | None = _opt(
         "base model: a megatron checkpoint sharded for this TP (tools/convert_hf_to_megatron.py), or a Hugging Face "
         "Llama directory (converted for this TP once and cached, as the trainer does); default: the embedded "
         "SmolLM2-135M-Instruct", engine=True)
-    mode: str | None = _opt("LoRA sharding over the TP ranks (required): block_diagonal (BD-LoRA), slora or replicated; "
-                            "an adapter that cannot run in it is rejected at start", engine=True)
+    mode: str | None = _opt("LoRA sharding over the TP ranks (required): block_diagonal (BD-LoRA), slora or "
+                            "replicated; an adapter that cannot run in it is rejected at start", engine=True,
+                            required=True)
     adapters: dict | None = _opt("adapters registered at start: name -> native or PEFT adapter directory", engine=True)
-    max_loras: int | None = _opt("adapter slots on the device: adapters usable in one step (default 4)", engine=True)
+    max_loras: int | None = _opt("adapter slots on the device: adapters usable in one step", engine=True)
     max_cpu_loras: int | None = _opt("adapters kept in host memory, at least max-loras (default: max-loras, as vLLM; "
                                      "others are re-read from disk when needed)", engine=True)
-    max_lora_rank: int | None = _opt("largest adapter rank the slots hold (default 64)", engine=True)
-    max_model_len: int | None = _opt("context length: prompt + generated tokens of one request (default 2048)", engine=True)
-    max_num_seqs: int | None = _opt("requests decoded concurrently; more wait in a queue (default 16)", engine=True)
-    max_num_batched_tokens: int | None = _opt("tokens processed per engine step (default 512)", engine=True)
-    kv_cache_gb: float | None = _opt("KV cache size in GB (default 0.5)", engine=True)
-    block_size: int | None = _opt("KV cache block size in tokens (default 64)", engine=True)
-    dtype: str | None = _opt("compute dtype: float32, bfloat16 or float16 (default float32)", engine=True)
-    seed: int | None = _opt("engine seed for requests without their own `seed` (default 0)", engine=True)
-    cuda_graphs: str | None = _opt("decode steps replayed from CUDA graphs captured at start-up (megatron's own, per layer "
-                                   "and decode batch size; LoRA launches sized for max-lora-rank): on or off (default "
-                                   "off; on needs a GPU)", engine=True)
+    max_lora_rank: int | None = _opt("largest adapter rank the slots hold", engine=True)
+    max_model_len: int | None = _opt("context length: prompt + generated tokens of one request", engine=True)
+    max_num_seqs: int | None = _opt("requests decoded concurrently; more wait in a queue", engine=True)
+    max_num_batched_tokens: int | None = _opt("tokens processed per engine step", engine=True)
+    kv_cache_gb: float | None = _opt("KV cache size in GB", engine=True)
+    block_size: int | None = _opt("KV cache block size in tokens", engine=True)
+    dtype: str | None = _opt("compute dtype: float32, bfloat16 or float16", engine=True)
+    seed: int | None = _opt("engine seed for requests without their own `seed`", engine=True)
+    cuda_graphs: str | None = _opt("decode steps replayed from CUDA graphs captured at start-up (megatron's own, per "
+                                   "layer and decode batch size; LoRA launches sized for max-lora-rank): on or off "
+                                   "(default {default}; on needs a GPU)", engine=True)
     host: str = _opt("address to listen on (0.0.0.0: all interfaces)", "127.0.0.1")
     port: int = _opt("port to listen on (0: a free port; the line `serving on http://HOST:PORT` says which)", 8000)
     served_model_name: str | None = _opt(
         "model id of the base model in the API (default: the embedded model's name or the base directory's name)")
-    tp: int | None = _opt("expected TP degree: must equal the number of launched ranks (launch/serve.sh starts that many)")
+    tp: int | None = _opt("expected TP degree: must equal the number of launched ranks (launch/serve.sh starts that "
+                          "many)")
     drain_timeout: float = _opt("seconds in-flight requests may take to finish after SIGTERM/SIGINT before they are "
                                 "cancelled", 60.0)
 
 
 ENGINE_KEYS = tuple(f.name for f in fields(ServeOptions) if f.metadata["engine"])
+_ENGINE_DEFAULTS = {f.name: f.default for f in fields(ServingConfig) if f.default is not MISSING}
+
+
+def _shown_default(f: Field) -> Any:
+    """The default --help states for a setting: its own, else the engine's (ServingConfig's field), as a flag value."""
+    default = f.default
+    if default is None and f.metadata["engine"] and not f.metadata["required"]:
+        default = _ENGINE_DEFAULTS.get(f.name)
+    if isinstance(default, bool):
+        return ON_OFF[0] if default else ON_OFF[1]
+    return default
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,20 +113,25 @@ def _flag(key: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per ServeOptions field (--adapter NAME=DIR for `adapters`), plus --config."""
-    p = _Parser(prog="python -m megatron_bdlora.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p = _Parser(prog="python -m megatron_bdlora.serve", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
+                allow_abbrev=False)
     p.add_argument("--config", metavar="YAML", help="YAML file with any of the settings below as keys (max_loras: 8, "
                    "adapters: {name: dir}, tp: 8, ...); flags given here override it; an unknown key is an error")
     hints = typing.get_type_hints(ServeOptions)
     for f in fields(ServeOptions):
         if f.name == "adapters":
             p.add_argument("--adapter", action="append", metavar="NAME=DIR",
-                           help="register an adapter (native or PEFT directory) under NAME, the `model` clients ask for; "
-                                "repeat for more")
+                           help="register an adapter (native or PEFT directory) under NAME, the `model` clients ask "
+                                "for; repeat for more")
             continue
         kind = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         choices = {"mode": MODES, "dtype": DTYPES, "cuda_graphs": ON_OFF}.get(f.name)
-        help_text = f.metadata["help"] + (f" (default {f.default})" if f.default is not None else "")
+        default, help_text = _shown_default(f), f.metadata["help"]
+        if "{default}" in help_text:
+            help_text = help_text.format(default=default)
+        elif default is not None:
+            help_text += f" (default {default})"
         metavar = None if choices else {"megatron_dir": "DIR", "served_model_name": "NAME", "host": "HOST"}.get(
             f.name, {int: "N", float: "X"}.get(kind, "VALUE"))
         p.add_argument(_flag(f.name), dest=f.name, type=kind, choices=choices, metavar=metavar, help=help_text)
@@ -124,7 +146,8 @@ def _read_yaml(path: str) -> dict:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"--config: {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of settings, got {type(raw).__name__}")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
@@ -178,14 +201,14 @@ def check_options(opts: ServeOptions, where: dict[str, str], world_size: int) ->
         raise ConfigError(f"{name('dtype')} must be one of {', '.join(DTYPES)}, got {opts.dtype!r}")
     if opts.cuda_graphs is not None and opts.cuda_graphs not in ON_OFF:
         raise ConfigError(f"{name('cuda_graphs')} must be on or off, got {opts.cuda_graphs!r}")
-    for key in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                "block_size", "tp"):
+    for key in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_model_len", "max_num_seqs",
+                "max_num_batched_tokens", "block_size", "tp"):
         value = getattr(opts, key)
         if value is not None and value < 1:
             raise ConfigError(f"{name(key)} must be >= 1, got {value}")
     if opts.max_cpu_loras is not None and opts.max_loras is not None and opts.max_cpu_loras < opts.max_loras:
-        raise ConfigError(f"{name('max_cpu_loras')} ({opts.max_cpu_loras}) is below {name('max_loras')} ({opts.max_loras}): "
-                          "every adapter on the device is also cached on the host")
+        raise ConfigError(f"{name('max_cpu_loras')} ({opts.max_cpu_loras}) is below {name('max_loras')} "
+                          f"({opts.max_loras}): every adapter on the device is also cached on the host")
     if opts.kv_cache_gb is not None and not opts.kv_cache_gb > 0:
         raise ConfigError(f"{name('kv_cache_gb')} must be > 0, got {opts.kv_cache_gb}")
     if opts.drain_timeout < 0:
@@ -217,8 +240,9 @@ def locate_base(opts: ServeOptions, where: dict[str, str], world_size: int) -> t
 
         meta = read_json_object(path / "meta.json", ConfigError)
         if meta.get("tp") != world_size:
-            raise ConfigError(f"{flag}: {path} is sharded for tp={meta.get('tp')}, but {world_size} rank(s) were launched; "
-                              "launch that many ranks, or give the Hugging Face directory to convert it for this TP")
+            raise ConfigError(f"{flag}: {path} is sharded for tp={meta.get('tp')}, but {world_size} rank(s) were "
+                              "launched; launch that many ranks, or give the Hugging Face directory to convert it for "
+                              "this TP")
         if not (path / "config.json").is_file():
             raise ConfigError(f"{flag}: {path} has no config.json (an incomplete megatron checkpoint)")
         return "megatron", path
@@ -241,9 +265,11 @@ def prepare_base(kind: str, path: Path | None, world_size: int) -> tuple[Path, s
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (listening starts with the server), so that a busy port fails before the model loads."""
+    """A socket bound to host:port (listening starts with the server), so that a busy port fails before the model
+    loads."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
@@ -256,7 +282,8 @@ class HTTPServer(uvicorn.Server):
     """uvicorn on a socket bound in advance: prints `serving on http://HOST:PORT` once listening; signals are ours."""
 
     def __init__(self, app: Any, sock: socket.socket, host: str, drain_timeout: float | None = None):
-        super().__init__(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=drain_timeout))
+        super().__init__(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                        timeout_graceful_shutdown=drain_timeout))
         self.sock = sock
         port = sock.getsockname()[1]
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -279,13 +306,14 @@ def _watch_engine(loop: "ServingLoop", stopping: threading.Event, interval_s: fl
     """Exit the process (1) as soon as the engine dies, rather than answering every request with an error."""
     while not stopping.wait(interval_s):
         if not loop.healthy() and not stopping.is_set():
-            print("error: the serving engine stopped unexpectedly (its error is above); exiting", file=sys.stderr, flush=True)
+            print("error: the serving engine stopped unexpectedly (its error is above); exiting", file=sys.stderr,
+                  flush=True)
             os._exit(1)
 
 
 def serve_http(loop: "ServingLoop", sock: socket.socket, opts: ServeOptions, served_name: str, base_root: str) -> int:
     """Rank 0: HTTP until SIGTERM/SIGINT, then drain the engine (which also stops the other ranks)."""
-    from megatron_bdlora.inference.server import build_app
+    from megatron_bdlora.inference.routes import build_app
 
     app = build_app(loop, served_model_name=served_name, base_root=base_root, adapter_paths=opts.adapters)
     server = HTTPServer(app, sock, opts.host, opts.drain_timeout)
@@ -346,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_bdlora.parallel import silence_expected_warnings
 
     silence_expected_warnings()
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.engine import ServingLoop
     from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
     info = init_parallel(tp_size=world_size)
@@ -354,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if "cuda_graphs" in engine:
         engine["cuda_graphs"] = engine["cuda_graphs"] == "on"
     try:
-        loop = ServingLoop.create(ServingConfig(**{**engine, "megatron_dir": megatron_dir, "adapters": dict(opts.adapters)}), info)
+        config = ServingConfig(**{**engine, "megatron_dir": megatron_dir, "adapters": dict(opts.adapters)})
+        loop = ServingLoop.create(config, info)
     except (ValueError, FileNotFoundError) as err:  # adapters that do not fit the base or the mode: alike on every rank
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ def merged_references(
     adapter merged into the base weights and the whole sequence recomputed (no KV cache) every step."""
     from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
     from megatron_bdlora.inference.adapter_slots import read_adapter
-    from megatron_bdlora.layers import _LoRAParallelMixin
+    from megatron_bdlora.layers import LoRAParallelLinear
     from megatron_bdlora.model import build_model, forward_logits, load_base_state_dict, load_full_adapter
 
     hf_config = json.loads((meg_dir / "config.json").read_text())
@@ -76,7 +76,7 @@ def merged_references(
         if ckpt is not None:
             load_full_adapter(model, ckpt.factors, scaling=ckpt.settings.scaling)
             for module in model.modules():
-                if isinstance(module, _LoRAParallelMixin):
+                if isinstance(module, LoRAParallelLinear):
                     module.merge_lora()
         model.eval()
         for i, (prompt, adapter, steps) in enumerate(requests):

@@ -24,14 +24,15 @@ from safetensors.torch import load_file, save_file
 
 from megatron_bdlora.checkpoint.adapters import (
     AdapterCheckpointError,
+    check_same_settings,
     load_native,
-    load_native_rank,
     rank_file_name,
     read_manifest,
     save_native,
     save_native_rank_states,
 )
 from megatron_bdlora.checkpoint.peft import export_peft, import_peft, import_peft_directory
+from megatron_bdlora.checkpoint.reader import read_adapter
 from megatron_bdlora.checkpoint.reshard import reshard, reshard_directory
 from megatron_bdlora.config import ALL_TARGETS, COLUMN_TARGETS, LoRASettings, ROW_TARGETS
 from megatron_bdlora.targets import lora_plan
@@ -254,35 +255,40 @@ def test_block_diagonal_plain_lora_is_accepted_into_bd(assets, tmp_path, tp, nbl
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
-# ------------------------------------------------------------------------------------------ trainer-facing API
+# --------------------------------------------------------------------------------------- the one reader
 
 
-def test_load_native_rank_returns_that_ranks_slices(assets, tmp_path):
+def test_read_adapter_gives_every_rank_its_slices(assets, tmp_path):
     native = import_peft_directory(assets["bd"], tmp_path / "n", assets["base_dir"], 4, "block_diagonal")
     ckpt = load_native(native)
-    settings = LoRASettings(rank=8, alpha=16, mode="block_diagonal")  # nblocks None = tp = 4
+    adapter = read_adapter(native, assets["hf"], 4)
     for i in range(4):
-        _assert_same_tensors(load_native_rank(native, i, assets["hf"], 4, settings), ckpt.rank_state(i))
+        _assert_same_tensors(adapter.rank_state(i), ckpt.rank_state(i))
 
 
-def test_load_native_rank_refuses_other_base_shape(assets, tmp_path):
+def test_read_adapter_refuses_other_base_shape(assets, tmp_path):
     native = import_peft_directory(assets["bd"], tmp_path / "n", assets["base_dir"], 2, "block_diagonal")
     other = dict(assets["hf"], intermediate_size=256)
     with pytest.raises(AdapterCheckpointError, match="another base model") as e:
-        load_native_rank(native, 0, other, 2)
+        read_adapter(native, other, 2)
     assert "'intermediate_size': 128" in str(e.value) and "'intermediate_size': 256" in str(e.value)
+    assert "adapter_manifest.json" in str(e.value)
 
 
-def test_load_native_rank_refuses_other_tp_and_names_reshard_tool(assets, tmp_path):
+def test_read_adapter_at_another_tp_reshards_in_memory(assets, tmp_path):
     native = import_peft_directory(assets["bd"], tmp_path / "n", assets["base_dir"], 2, "block_diagonal")
-    with pytest.raises(AdapterCheckpointError, match=r"tp=2 .* tp=4.*tools/reshard_adapter.py"):
-        load_native_rank(native, 0, assets["hf"], 4)
+    want = reshard(load_native(native), 4)
+    adapter = read_adapter(native, assets["hf"], 4)
+    assert adapter.settings == want.settings and adapter.tp == 4
+    for i in range(4):
+        _assert_same_tensors(adapter.rank_state(i), want.rank_state(i))
 
 
-def test_load_native_rank_refuses_other_settings(assets, tmp_path):
+def test_adapter_with_other_settings_is_refused_by_the_settings_check(assets, tmp_path):
     native = import_peft_directory(assets["bd"], tmp_path / "n", assets["base_dir"], 2, "block_diagonal")
+    saved = read_adapter(native, assets["hf"], 2).settings
     with pytest.raises(AdapterCheckpointError, match="rank"):
-        load_native_rank(native, 0, assets["hf"], 2, LoRASettings(rank=16, alpha=16, nblocks=4))
+        check_same_settings(saved, LoRASettings(rank=16, alpha=16, nblocks=4), 2, native)
 
 
 def test_save_native_rank_states_matches_save_native(assets, tmp_path):

@@ -88,8 +88,8 @@ def test_peft_bd_adapters_import_at_every_tp_dividing_nblocks(setup, tp):
 def test_native_adapter_at_another_tp_gets_the_same_base_model_check(setup, tp):
     """Resharding in memory must not skip the check the same-TP path makes: another base shape is refused by name,
     before any slicing; a TP the adapter's blocks cannot be split over is refused naming both numbers."""
-    from megatron_bdlora.adapter_loading import load_adapter_for_model
     from megatron_bdlora.checkpoint.adapters import AdapterCheckpointError
+    from megatron_bdlora.generate import load_adapter_for_model
 
     root = setup[0]
     hf_config = json.loads((root / "hf" / "config.json").read_text())
@@ -130,7 +130,7 @@ def test_native_bd_adapter_exported_to_peft_matches_logits_and_merge(setup):
 
 
 def test_plain_peft_lora_serves_replicated_and_slora_and_is_refused_as_bd(setup):
-    from megatron_bdlora.adapter_loading import load_adapter_for_model
+    from megatron_bdlora.generate import load_adapter_for_model
 
     root, _, ids, mask, peft_dirs, want = setup
     dirs = [(peft_dirs["plain"], "replicated"), (peft_dirs["plain"], "slora")]

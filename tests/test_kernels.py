@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from megatron_bdlora.ops import FactorView, OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.lora_batch import FactorView, OutputLayout, SlotBatch, SlotViews
 from test_ops import _check, _reference_expand, _reference_shrink, _stack
 
 ON_GPU = torch.cuda.is_available()
@@ -59,7 +59,7 @@ def test_graph_launch_serves_adapters_loaded_after_its_sizing(kernels):
     """A CUDA graph replays the launch of its capture; adapters are loaded later. The graph launch is sized for the
     stacks' capacity and reads a slot table at a fixed address: launch arguments made while every slot was empty
     (as at capture), then the table rewritten in place with mixed ranks and block counts, give the float64 result."""
-    from megatron_bdlora.ops import GraphLaunch
+    from megatron_bdlora.lora_batch import GraphLaunch
 
     device = "cuda" if ON_GPU else "cpu"
     views_a, views_b, slot_ids, x, a, b, scalings, batch = _case(torch.float32, device, seed=7)

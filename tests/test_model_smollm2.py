@@ -50,9 +50,8 @@ def _batch(chats: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def smollm2_worker(info, meg_dir, chats, pad, adapters, new_tokens):
-    from megatron_bdlora.adapter_loading import load_adapter_for_model
     from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
-    from megatron_bdlora.generate import greedy_generate
+    from megatron_bdlora.generate import greedy_generate, load_adapter_for_model
     from megatron_bdlora.model import build_model, forward_logits, load_base_state_dict, load_full_adapter
 
     hf_config = json.loads((meg_dir / "config.json").read_text())

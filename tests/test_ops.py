@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from megatron_bdlora.ops import FactorView, OutputLayout, SlotBatch, lora_expand, lora_shrink, use_backend
+from megatron_bdlora.lora_batch import FactorView, OutputLayout, SlotBatch
+from megatron_bdlora.ops import lora_expand, lora_shrink, use_backend
 from megatron_bdlora.sharding import ShardingPlan, packed_to_block_diagonal
 
 TP, RANK, D_IN, D_OUT = 2, 16, 64, 48

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server (inference/server.py) against a fake ServingLoop; serve.py's CLI and process flow;
-launch/serve.sh and launch/slurm/serve.sbatch with stand-ins for python, srun and scontrol.
+"""The OpenAI-compatible server (inference/routes.py, frontend.py, protocol.py, errors.py) against a fake
+ServingLoop; serve.py's CLI and process flow; launch/serve.sh and launch/slurm/serve.sbatch with stand-ins for python,
+srun and scontrol.
 
 FakeLoop implements the ServingLoop interface with canned text: a byte-level tokenizer and a background thread that
 emits two tokens per request per step, ending requests as TokenEvent defines (max_tokens: 'length'; end of the
@@ -232,7 +233,7 @@ def _start_http(app, host: str = "127.0.0.1"):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from megatron_bdlora.inference.server import build_app
+    from megatron_bdlora.inference.routes import build_app
 
     root = tmp_path_factory.mktemp("adapters")
     poet = _adapter_dir(root, "poet")

@@ -146,7 +146,7 @@ def collectives_worker(info, meg_dir, adapters, modes):
 def _decode_collectives(info, meg_dir, adapters, mode):
     from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
-    from megatron_bdlora.layers import _LoRAParallelMixin
+    from megatron_bdlora.layers import LoRAParallelLinear
     from megatron_bdlora.sharding import Collective
 
     loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode=mode, adapters=adapters, max_loras=4,
@@ -164,7 +164,7 @@ def _decode_collectives(info, meg_dir, adapters, mode):
         while loop.engine.has_unfinished_requests():
             loop.step()
     extra = sum(ad.plan.collective is not Collective.NONE for m in loop.model.modules()
-                if isinstance(m, _LoRAParallelMixin) for ad in m.lora.values())
+                if isinstance(m, LoRAParallelLinear) for ad in m.lora.values())
     return counts, extra
 
 

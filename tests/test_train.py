@@ -199,7 +199,7 @@ def test_bfloat16_run_trains_and_its_adapter_is_saved_and_exported_to_peft_exact
 
 def load_back_worker(info, hf_dir, adapter_dir):
     """This rank's adapter slices after loading adapter_dir into a bfloat16 model (no base weights needed)."""
-    from megatron_bdlora.adapter_loading import load_adapter_for_model
+    from megatron_bdlora.generate import load_adapter_for_model
     from megatron_bdlora.model import adapter_state_dict, build_model
 
     hf_config = json.loads((hf_dir / "config.json").read_text())

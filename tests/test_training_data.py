@@ -18,13 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import prepare_data_module
 from megatron_bdlora.checkpoint.base_model import ensure_base_model
-from megatron_bdlora.training.data import (
-    DOCUMENT_SEPARATOR,
-    DataConfig,
-    GlobalBatchSampler,
-    collate,
-    load_examples,
-)
+from megatron_bdlora.training.config import DataSection, TrainConfig, check_config
+from megatron_bdlora.training.data import DOCUMENT_SEPARATOR, GlobalBatchSampler, collate, load_examples
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -186,9 +181,10 @@ def test_unknown_format_and_bad_config_are_rejected(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="unknown data format 'parquet'"):
         load_examples(tmp_path / "x", "parquet", tokenizer, 8)
     with pytest.raises(ValueError, match="data.format"):
-        DataConfig(train="x", format="csv")
+        check_config(TrainConfig(data=DataSection(train="x", format="csv")))
+    data = DataSection(train=str(tmp_path / "x"), seq_length=0)
     with pytest.raises(ValueError, match="seq_length"):
-        DataConfig(train="x", seq_length=0)
+        load_examples(data.train, data.format, tokenizer, data.seq_length)
 
 
 # --- batches --------------------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def merged_references(info: Any, hf_config: dict, state: dict[str, torch.Tensor]
 
     adapters: name -> (LoRASettings, full stored factors).
     """
-    from megatron_bdlora.layers import _LoRAParallelMixin
+    from megatron_bdlora.layers import LoRAParallelLinear
     from megatron_bdlora.model import build_model, load_base_state_dict, load_full_adapter
 
     refs: list = [None] * len(stream)
@@ -231,7 +231,7 @@ def merged_references(info: Any, hf_config: dict, state: dict[str, torch.Tensor]
             on_device = {k: (a.to(info.device), b.to(info.device)) for k, (a, b) in factors.items()}
             load_full_adapter(model, on_device, scaling=settings.scaling)
             for module in model.modules():
-                if isinstance(module, _LoRAParallelMixin):
+                if isinstance(module, LoRAParallelLinear):
                     module.merge_lora()
         model.eval()
         for i, (_, prompt, adapter, steps) in enumerate(stream):
@@ -461,19 +461,19 @@ def _sync() -> None:
 def lora_ranges() -> Iterator[None]:
     """Name every LoRA branch of a serving forward (`add_lora_slots`: shrink, collective, expand) as one profiler
     range, so its CPU and device time can be told from the step's."""
-    from megatron_bdlora.layers import _LoRAParallelMixin
+    from megatron_bdlora.layers import LoRAParallelLinear
 
-    real = _LoRAParallelMixin.add_lora_slots
+    real = LoRAParallelLinear.add_lora_slots
 
     def add_lora_slots(self, x: torch.Tensor, base: torch.Tensor) -> None:
         with torch.profiler.record_function(LORA_RANGE):
             return real(self, x, base)
 
-    _LoRAParallelMixin.add_lora_slots = add_lora_slots
+    LoRAParallelLinear.add_lora_slots = add_lora_slots
     try:
         yield
     finally:
-        _LoRAParallelMixin.add_lora_slots = real
+        LoRAParallelLinear.add_lora_slots = real
 
 
 def run_ours(loop: Any, probe: _StepProbe, prompts: list[list[int]], adapters: list[str | None], new_tokens: int,

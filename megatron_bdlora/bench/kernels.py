@@ -34,15 +34,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_bdlora.bench.report import PartResult  # noqa: E402
-from megatron_bdlora.ops import (  # noqa: E402
-    FactorView,
-    OutputLayout,
-    SlotBatch,
-    SlotViews,
-    lora_expand,
-    lora_shrink,
-    use_backend,
-)
+from megatron_bdlora.lora_batch import FactorView, OutputLayout, SlotBatch, SlotViews  # noqa: E402
+from megatron_bdlora.ops import lora_expand, lora_shrink, use_backend  # noqa: E402
 from megatron_bdlora.sharding import ShardingPlan  # noqa: E402
 
 MODES = ("block_diagonal", "slora", "replicated")

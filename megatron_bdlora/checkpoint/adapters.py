@@ -33,7 +33,11 @@ from megatron_bdlora.targets import cfg_field, lora_plan
 
 FORMAT = "megatron-bdlora-adapter"
 FORMAT_VERSION = 1
+# The files that make an adapter directory: ours (the manifest beside one rank file per TP rank, rank_file_name)
+# and PEFT's (its config beside one weights file).
 MANIFEST_NAME = "adapter_manifest.json"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 SHAPE_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -43,7 +47,6 @@ SHAPE_FIELDS = (
     "num_hidden_layers",
     "vocab_size",
 )
-RESHARD_TOOL = "tools/reshard_adapter.py"
 
 Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (A, B) stored forms
 
@@ -78,6 +81,17 @@ def base_shape(hf_config: Any) -> dict[str, int]:
 def shape_hash(shape: dict[str, int]) -> str:
     """sha256 of the canonical JSON of a base shape: two models take the same adapters iff their hashes match."""
     return hashlib.sha256(json.dumps(shape, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_base_shape(shape: dict[str, int], base_config: Any, source: str | os.PathLike) -> None:
+    """Refuse an adapter trained for another base model: the one base-model check of every adapter load."""
+    expected = base_shape(base_config)
+    if shape != expected:
+        diff = {k: (shape.get(k), expected[k]) for k in SHAPE_FIELDS if shape.get(k) != expected[k]}
+        raise AdapterCheckpointError(
+            f"{source}: adapter was trained for another base model: adapter shape {shape}, model shape "
+            f"{expected} (differing (adapter, model): {diff})"
+        )
 
 
 def read_base_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -341,10 +355,12 @@ def settings_from_manifest(manifest: dict[str, Any]) -> LoRASettings:
     return settings
 
 
-def load_native(adapter_dir: str | os.PathLike) -> AdapterCheckpoint:
-    """The whole adapter from a checkpoint directory: every rank file validated, factors unsharded."""
+def load_native(adapter_dir: str | os.PathLike, base_config: Any = None) -> AdapterCheckpoint:
+    """The whole adapter of a checkpoint directory, every rank file validated; first refused if not for base_config."""
     adapter_dir = Path(adapter_dir)
     m = read_manifest(adapter_dir)
+    if base_config is not None:
+        check_base_shape(m["base_model"]["shape"], base_config, adapter_dir / MANIFEST_NAME)
     settings = settings_from_manifest(m)
     tp = int(m["tp"])
     states, sources = [], []
@@ -374,31 +390,6 @@ def _check_rank_meta(meta: dict[str, str], tp_rank: int, tp: int, path: Path) ->
         )
 
 
-def check_compatible(
-    manifest: dict[str, Any],
-    hf_config: Any,
-    tp: int,
-    settings: LoRASettings | None = None,
-    adapter_dir: str | os.PathLike = "adapter",
-) -> None:
-    """Refuse a checkpoint written for another base shape, TP degree, or (if given) other LoRA settings."""
-    expected_shape = base_shape(hf_config)
-    shape = manifest["base_model"]["shape"]
-    if manifest["base_model"]["shape_hash"] != shape_hash(expected_shape):
-        diff = {k: (shape.get(k), expected_shape[k]) for k in SHAPE_FIELDS if shape.get(k) != expected_shape[k]}
-        raise AdapterCheckpointError(
-            f"{adapter_dir} was trained for another base model: adapter shape {shape}, model shape "
-            f"{expected_shape} (differing (adapter, model): {diff})"
-        )
-    if int(manifest["tp"]) != tp:
-        raise AdapterCheckpointError(
-            f"{adapter_dir} is sharded for tp={manifest['tp']} but the model runs at tp={tp}; convert it with "
-            f"python {RESHARD_TOOL} --adapter-dir {adapter_dir} --out-dir OUT --tp {tp}"
-        )
-    if settings is not None:
-        check_same_settings(settings_from_manifest(manifest), settings, tp, adapter_dir)
-
-
 def check_same_settings(saved: LoRASettings, settings: LoRASettings, tp: int, adapter_dir: str | os.PathLike) -> None:
     """Refuse an adapter whose rank, alpha, rsLoRA, mode, nblocks (None: tp in BD mode) or targets differ."""
     if settings.mode is Mode.BLOCK_DIAGONAL and settings.nblocks is None:
@@ -410,24 +401,3 @@ def check_same_settings(saved: LoRASettings, settings: LoRASettings, tp: int, ad
         diff["targets"] = (list(canonical_targets(saved.targets)), list(canonical_targets(settings.targets)))
     if diff:
         raise AdapterCheckpointError(f"{adapter_dir} has other LoRA settings (adapter, model): {diff}")
-
-
-def load_native_rank(
-    adapter_dir: str | os.PathLike,
-    tp_rank: int,
-    expected_hf_config: Any,
-    expected_tp: int,
-    expected_settings: LoRASettings | None = None,
-) -> dict[str, torch.Tensor]:
-    """This rank's factor slices (keys layers.{l}.{proj}.lora_A/B), after checking the checkpoint fits the model."""
-    adapter_dir = Path(adapter_dir)
-    m = read_manifest(adapter_dir)
-    check_compatible(m, expected_hf_config, expected_tp, expected_settings, adapter_dir)
-    if not 0 <= tp_rank < expected_tp:
-        raise ValueError(f"tp_rank={tp_rank} is out of range for tp={expected_tp}")
-    ckpt = AdapterCheckpoint(settings_from_manifest(m), m["base_model"]["shape"], expected_tp)
-    path = adapter_dir / rank_file_name(tp_rank)
-    tensors, meta = read_safetensors(path)
-    _check_rank_meta(meta, tp_rank, expected_tp, path)
-    check_tensors(tensors, _shapes(ckpt.plans(), ckpt.num_layers, lambda f: f.local_shape), str(path))
-    return tensors

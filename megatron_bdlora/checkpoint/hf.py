@@ -37,7 +37,7 @@ from tqdm import tqdm
 from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.sharding import LayerKind
-from megatron_bdlora.targets import cfg_field, llama_projections
+from megatron_bdlora.targets import cfg_field, check_tp_layout, llama_projections
 
 FORMAT = "megatron-bdlora-base"
 VERSION = 1
@@ -78,32 +78,6 @@ class CheckpointError(ValueError):
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Vocabulary rows stored: the next multiple of TP (vocab-parallel embedding and output layer)."""
     return -(-vocab_size // tp) * tp
-
-
-def check_llama_config(hf_config: dict, tp: int) -> None:
-    """Reject configs whose weights this layout cannot carry exactly, naming the field and value."""
-    model_type = hf_config.get("model_type")
-    archs = hf_config.get("architectures") or ["LlamaForCausalLM"]
-    if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
-        raise CheckpointError(
-            f"not a Llama checkpoint: model_type={model_type!r}, architectures={archs} "
-            "(expected model_type='llama', architectures=['LlamaForCausalLM'])"
-        )
-    for key in ("attention_bias", "mlp_bias"):
-        if hf_config.get(key):
-            raise CheckpointError(f"{key}=true is not supported (Llama without biases only)")
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"hidden_act={hf_config['hidden_act']!r} is not supported (silu only)")
-    if not isinstance(tp, int) or tp < 1:
-        raise CheckpointError(f"tp={tp!r} must be a positive integer")
-    heads = cfg_field(hf_config, "num_attention_heads")
-    kv = cfg_field(hf_config, "num_key_value_heads", heads)
-    ffn = cfg_field(hf_config, "intermediate_size")
-    if heads % kv:
-        raise CheckpointError(f"num_key_value_heads={kv} does not divide num_attention_heads={heads}")
-    for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv), ("intermediate_size", ffn)):
-        if value % tp:
-            raise CheckpointError(f"tp={tp} does not divide {key}={value}")
 
 
 @dataclass(frozen=True)
@@ -382,7 +356,7 @@ def convert_hf_to_megatron(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_distinct(hf_dir, out_dir)
     config = _read_json(hf_dir / "config.json")
-    check_llama_config(config, tp)
+    check_tp_layout(config, tp, CheckpointError)
     table = layouts(config, tp)
     tied = bool(config.get("tie_word_embeddings", False))
     with _open_hf(hf_dir) as src:
@@ -435,7 +409,7 @@ def _megatron_checkpoint(meg_dir: Path) -> tuple[dict, dict, list[Layout]]:
     meta = read_megatron_meta(meg_dir)
     config = _read_json(meg_dir / "config.json")
     tp = meta.get("tp")
-    check_llama_config(config, tp)
+    check_tp_layout(config, tp, CheckpointError)
     vocab = config.get("vocab_size")
     derived = {
         "vocab_size": vocab,

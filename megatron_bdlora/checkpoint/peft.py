@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.checkpoint.adapters import (
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
     AdapterCheckpoint,
     AdapterCheckpointError,
     Factors,
@@ -38,8 +40,6 @@ from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.sharding import Mode
 from megatron_bdlora.targets import llama_projections
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # PeftModel wrapping the HF model
 
 # Fields that change what the adapter computes in ways a plain (BD-)LoRA on the seven projections cannot hold.
@@ -130,8 +130,8 @@ def export_peft(
     """Write a PEFT adapter directory (atomically) that PeftModel.from_pretrained loads."""
     config, state = peft_config(ckpt, base_model_name), peft_state_dict(ckpt)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(state, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
 
@@ -161,14 +161,14 @@ class PeftAdapter:
     blocks: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # (A, B) packed block counts
     keys: dict[tuple[int, str], tuple[str, str]] = field(default_factory=dict)  # (A, B) PEFT keys, for errors
 
-    def settings(self) -> LoRASettings:
-        """Its settings as a native adapter: BD with its nblocks, or replicated (plain LoRA)."""
+    def settings(self, plain_lora_mode: Mode | str = Mode.REPLICATED) -> LoRASettings:
+        """Its settings as a native adapter: BD with its nblocks, or plain LoRA in plain_lora_mode."""
         return LoRASettings(
             rank=self.rank,
             alpha=self.alpha,
             use_rslora=self.use_rslora,
             dropout=self.dropout,
-            mode=Mode.BLOCK_DIAGONAL if self.nblocks else Mode.REPLICATED,
+            mode=Mode.BLOCK_DIAGONAL if self.nblocks else plain_lora_mode,
             nblocks=self.nblocks,
             targets=self.targets,
         )
@@ -177,7 +177,7 @@ class PeftAdapter:
 def _read_config(peft_dir: Path) -> tuple[dict[str, Any], Path]:
     if not peft_dir.is_dir():
         raise FileNotFoundError(f"PEFT adapter directory {peft_dir} does not exist")
-    path = peft_dir / CONFIG_NAME
+    path = peft_dir / PEFT_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a PEFT adapter directory")
     return read_json_object(path, AdapterCheckpointError), path
@@ -219,10 +219,10 @@ def _check_supported(cfg: dict[str, Any], path: Path, num_layers: int) -> None:
             reject("layers_to_transform", f"adapts a subset of the {num_layers} layers; native adapters adapt all")
 
 
-def _resolve_targets(cfg: dict[str, Any], path: Path, hf_config: Any) -> tuple[str, ...]:
+def _resolve_targets(cfg: dict[str, Any], path: Path, shape: dict[str, int]) -> tuple[str, ...]:
     """The projections target_modules selects (PEFT's matching rules), the same in every layer."""
-    num_layers = base_shape(hf_config)["num_hidden_layers"]
-    names = {(l, p): peft_module_name(l, p, hf_config) for l in range(num_layers) for p in ALL_TARGETS}
+    num_layers = shape["num_hidden_layers"]
+    names = {(l, p): peft_module_name(l, p, shape) for l in range(num_layers) for p in ALL_TARGETS}
     tm = cfg["target_modules"]
     if isinstance(tm, str):
         matched = set(names) if tm == "all-linear" else {k for k, n in names.items() if re.fullmatch(tm, n)}
@@ -282,10 +282,9 @@ def read_peft(peft_dir: str | os.PathLike, hf_config: Any) -> PeftAdapter:
         nblocks=int(bd["nblocks"]) if bd else None,
         base_model_name=cfg.get("base_model_name_or_path"),
     )
-    weights = peft_dir / WEIGHTS_NAME
+    weights = peft_dir / PEFT_WEIGHTS_NAME
     if not weights.is_file() and (peft_dir / "adapter_model.bin").is_file():
-        raise AdapterCheckpointError(f"{peft_dir}/adapter_model.bin: only {WEIGHTS_NAME} is supported")
-    tensors, _ = read_safetensors(weights)
+        raise AdapterCheckpointError(f"{peft_dir}/adapter_model.bin: only {PEFT_WEIGHTS_NAME} is supported")
     projs = llama_projections(shape)
     expected = {}
     for layer in range(shape["num_hidden_layers"]):
@@ -300,6 +299,7 @@ def read_peft(peft_dir: str | os.PathLike, hf_config: Any) -> PeftAdapter:
             expected[key_a], expected[key_b] = (rank, p.d_in // na), (p.d_out, rank // nb)
             adapter.blocks[(layer, proj)] = (na, nb)
             adapter.keys[(layer, proj)] = (key_a, key_b)
+    tensors, _ = read_safetensors(weights)
     check_tensors(tensors, expected, str(weights), hint=" (was the adapter trained on this base model?)")
     adapter.factors = {k: (tensors[ka], tensors[kb]) for k, (ka, kb) in adapter.keys.items()}
     return adapter
@@ -309,14 +309,18 @@ def import_peft(
     peft_dir: str | os.PathLike,
     hf_config: Any,
     tp: int,
-    mode: Mode | str,
+    mode: Mode | str | None,
     nblocks: int | None = None,
     *,
+    plain_lora_mode: Mode | str = Mode.REPLICATED,
     base_model_name: str | None = None,
 ) -> AdapterCheckpoint:
-    """A PEFT adapter as a native adapter at this TP degree and mode, exactly (else an error saying why)."""
+    """A PEFT adapter as a native adapter at this TP degree and mode, exactly (else an error saying why).
+
+    mode None keeps the adapter's own: block-diagonal for `use_bdlora`, plain_lora_mode for a plain LoRA.
+    """
     src = read_peft(peft_dir, hf_config)
-    settings = target_settings(src.settings(), tp, mode, nblocks)
+    settings = target_settings(src.settings(plain_lora_mode), tp, mode, nblocks)
     name = base_model_name or src.base_model_name or _config_name(hf_config)
     dst = AdapterCheckpoint(settings, hf_config, tp, {}, name)
     return convert_factors(src.factors, src.blocks, dst, names=src.keys)

@@ -1,8 +1,8 @@
 """Adapters as the serving model holds them: validated host copies of one rank's slices, written into slots.
 
-An adapter directory (native or PEFT) is converted to the server's sharding mode at the server's TP through
-the sharding plan (checkpoint/reshard.py: exact, or refused with the reason), checked against the base
-model and the slot capacity, and kept on the host as this rank's slices. Writing it into a slot copies
+An adapter directory (native or PEFT) is read by the one adapter reader (checkpoint/reader.py: checked against
+the base model, converted to the server's sharding mode at the server's TP, exactly or refused with the reason),
+checked against the slot capacity, and kept on the host as this rank's slices. Writing it into a slot copies
 each layer's slices into that slot's share of the layer's factor stacks; an adapter keeps its own rank
 and block count there (no padding work).
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_bdlora.adapter_loading import NATIVE_MANIFEST, adapter_kind
-from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, base_shape, factor_key, load_native
+from megatron_bdlora.checkpoint.adapters import factor_key
+from megatron_bdlora.checkpoint.reader import read_adapter
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.model import lora_layers
 from megatron_bdlora.sharding import Mode, ShardingPlan
@@ -42,34 +42,16 @@ def serving_settings(mode: Mode | str, tp: int, max_lora_rank: int) -> LoRASetti
     return LoRASettings(rank=rank, alpha=float(rank), mode=mode, targets=ALL_TARGETS)
 
 
-def read_adapter(path: str | Path, hf_config: dict, tp: int, mode: Mode | str) -> AdapterCheckpoint:
-    """A native or PEFT adapter directory as a whole adapter in the server's mode at its TP (exact or refused)."""
-    from megatron_bdlora.checkpoint.peft import import_peft
-    from megatron_bdlora.checkpoint.reshard import reshard
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"adapter path {path} does not exist or is not a directory")
-    kind = adapter_kind(path)  # FileNotFoundError naming both expected files
-    if kind == "native":
-        ckpt = load_native(path)
-        want = base_shape(hf_config)
-        if ckpt.base_shape != want:
-            diff = {k: (ckpt.base_shape.get(k), v) for k, v in want.items() if ckpt.base_shape.get(k) != v}
-            raise ValueError(f"{path}/{NATIVE_MANIFEST}: adapter was trained for another base model (adapter, server): {diff}")
-        return reshard(ckpt, tp, mode)
-    return import_peft(path, hf_config, tp, mode)  # BD -> slora / replicated is exact; LoRA -> BD refused
-
-
 def load_host_adapter(
     name: str, path: str | Path, hf_config: dict, tp: int, tp_rank: int, mode: Mode | str, max_lora_rank: int
 ) -> HostAdapter:
-    """Read, convert and validate an adapter; keep this rank's slices (ValueError / FileNotFoundError if unfit)."""
+    """An adapter in the server's mode, this rank's slices kept; ValueError / FileNotFoundError if it is unfit."""
     ckpt = read_adapter(path, hf_config, tp, mode)
     if ckpt.settings.rank > serving_settings(mode, tp, max_lora_rank).rank:
-        raise ValueError(f"adapter {name!r} ({path}) has rank {ckpt.settings.rank} > --max-lora-rank {max_lora_rank}")
-    plans = ckpt.plans()
-    return HostAdapter(name, str(path), ckpt.settings, plans, ckpt.rank_state(tp_rank))
+        raise ValueError(
+            f"adapter {name!r} ({path}) has rank {ckpt.settings.rank} > --max-lora-rank {max_lora_rank}"
+        )
+    return HostAdapter(name, str(path), ckpt.settings, ckpt.plans(), ckpt.rank_state(tp_rank))
 
 
 @torch.no_grad()

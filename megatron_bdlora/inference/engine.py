@@ -5,7 +5,7 @@ pausing and eviction), the adapter pool, the requests waiting for an adapter slo
 the outside (submit, cancel, load, unload, shutdown): each step it broadcasts what arrived since the last step
 (`broadcast_object_list`), then every rank applies the same message, admits the same requests into the same
 slots and runs the same engine step. Each request carries its slot as engine request metadata
-(`lora_slot`); before each forward the per-token slots are grouped once (ops.SlotBatch) and handed to every
+(`lora_slot`); before each forward the per-token slots are grouped once (lora_batch.SlotBatch) and handed to every
 LoRA layer, so one forward serves every adapter of the batch with the sharding plan's own communication
 (none for block-diagonal adapters).
 """
@@ -50,6 +50,50 @@ class ServingConfig:
     dtype: str = "float32"
     seed: int = 0
     cuda_graphs: bool = False  # decode steps replayed from megatron's CUDA graphs (GPU only)
+
+
+# ---------------------------------------------------------------- messages from rank 0 to every rank
+# What rank 0 takes from callers between two steps; broadcast (pickled) to every rank, which applies them in order.
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """Queue a request for an adapter slot."""
+
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Remove a request wherever it is (client gone, or already finished by a stop on rank 0)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class RegisterAdapter:
+    """Add an adapter to every rank's pool (read and checked on rank 0 before it is sent)."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class UnregisterAdapter:
+    """Forget an adapter once its running and waiting requests are done."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop every rank's loop, after the requests in flight finish if `drain`, else cancelling them."""
+
+    drain: bool
+
+
+Message = AddRequest | CancelRequest | RegisterAdapter | UnregisterAdapter | Stop
+AdapterMessage = RegisterAdapter | UnregisterAdapter  # the ones a caller waits for until every rank applied them
 
 
 @dataclass
@@ -99,7 +143,7 @@ class ServingLoop:
         from megatron_bdlora.inference.dynamic import build_dynamic_engine
         from megatron_bdlora.inference.pool import AdapterPool
         from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingController
-        from megatron_bdlora.layers import _LoRAParallelMixin
+        from megatron_bdlora.layers import LoRAParallelLinear
 
         _track_lora_slot()
         self.config, self.info, self.model, self.tokenizer = config, info, model, tokenizer
@@ -109,7 +153,7 @@ class ServingLoop:
         self.base_name = config.megatron_dir.name
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
         self.max_step_tokens = self._token_budget(config.max_num_batched_tokens, info.tp_size)
-        self._lora_layers = [m for m in model.modules() if isinstance(m, _LoRAParallelMixin)]
+        self._lora_layers = [m for m in model.modules() if isinstance(m, LoRAParallelLinear)]
         self._slot_buffers = None  # the step's slot metadata, refilled in place (CUDA-graph safe)
         model.register_forward_pre_hook(self._set_step_slots, with_kwargs=True)  # before the engine captures graphs
         if config.cuda_graphs:
@@ -156,10 +200,10 @@ class ServingLoop:
         self.count_collectives = False  # tests/benchmarks: count collectives of each engine step
         self.step_collectives: Counter = Counter()
         # rank 0 only
-        self._inbox: "queue.Queue[tuple]" = queue.Queue()
+        self._inbox: "queue.Queue[Message]" = queue.Queue()
         self._ids = itertools.count()
         self._live: dict[int, _Live] = {}
-        self._done: dict[tuple[str, str], threading.Event] = {}  # (register|unregister, name) -> caller waiting
+        self._done: dict[AdapterMessage, threading.Event] = {}  # adapter message -> caller waiting for it
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -219,27 +263,26 @@ class ServingLoop:
         request = GenerationRequest(next(self._ids), tuple(int(t) for t in prompt_ids), adapter, params)
         events: "queue.Queue[TokenEvent]" = queue.Queue()
         self._live[request.request_id] = _Live(request, events)
-        self._inbox.put(("add", request))
+        self._inbox.put(AddRequest(request))
         return request.request_id, events
 
     def cancel(self, request_id: int) -> None:
         """Abort a request (client gone); its queue gets a final 'abort' event."""
-        self._inbox.put(("cancel", request_id))
+        self._inbox.put(CancelRequest(request_id))
 
     def load_adapter(self, name: str, path: str) -> None:
-        """Register an adapter on every rank (validated here first: ValueError / FileNotFoundError)."""
-        if not name:
-            raise ValueError("lora_name must be a non-empty string")
-        if name in self.pool.names() or name == self.base_name:
-            raise ValueError(f"adapter {name!r} is already loaded")
+        """Register an adapter on every rank (its files checked here first: ValueError / FileNotFoundError).
+
+        The name is the caller's to check (the HTTP front end answers an empty, taken or base-model name with
+        vLLM's errors); the pool still refuses an empty or taken one, on every rank alike."""
         self._load_host(name, path)  # validation: the same reading every rank does next
-        self._wait("register", name, ("register", name, str(path)))
+        self._wait(RegisterAdapter(name, str(path)))
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter; waits for its in-flight and waiting requests to finish first."""
         if name not in self.pool.names() or name in self.unloading:
             raise KeyError(f"adapter {name!r} is not loaded")
-        self._wait("unregister", name, ("unregister", name))
+        self._wait(UnregisterAdapter(name))
 
     def adapter_names(self) -> list[str]:
         return [n for n in self.pool.names() if n not in self.unloading]
@@ -272,7 +315,7 @@ class ServingLoop:
 
     def shutdown(self, drain: bool = True) -> None:
         """Stop every rank's loop (after the requests in flight finish, if drain)."""
-        self._inbox.put(("stop", drain))
+        self._inbox.put(Stop(drain))
         if self._thread is not None:
             self._thread.join()
 
@@ -291,19 +334,19 @@ class ServingLoop:
                 self._finish(live, "error", error=f"serving loop failed: {err}")
             raise
 
-    def _wait(self, kind: str, name: str, item: tuple) -> None:
+    def _wait(self, message: AdapterMessage) -> None:
         """Queue an adapter operation for the next step and block until every rank has applied it."""
-        done = self._done[(kind, name)] = threading.Event()
+        done = self._done[message] = threading.Event()
         done.error = None
-        self._inbox.put(item)
+        self._inbox.put(message)
         while not done.wait(0.2):
             if not self.healthy():
                 raise RuntimeError(f"serving loop stopped: {self._error}")
         if done.error is not None:
             raise done.error
 
-    def _signal(self, kind: str, name: str, error: BaseException | None = None) -> None:
-        done = self._done.pop((kind, name), None) if self.is_leader else None
+    def _signal(self, message: AdapterMessage, error: BaseException | None = None) -> None:
+        done = self._done.pop(message, None) if self.is_leader else None
         if done is not None:
             done.error = error
             done.set()
@@ -328,7 +371,7 @@ class ServingLoop:
         self._retire_unloads()
         self.step_count += 1
 
-    def _collect(self, wait: bool) -> list[tuple]:
+    def _collect(self, wait: bool) -> list[Message]:
         """Rank 0: everything that arrived since the last step (waits up to a heartbeat when idle)."""
         items = []
         idle = not self.engine.has_unfinished_requests() and not self.waiting and not self.unloading
@@ -344,28 +387,30 @@ class ServingLoop:
                 break
         return items
 
-    def _apply(self, message: list[tuple]) -> None:
-        for item in message:
-            kind = item[0]
-            if kind == "add":
-                self.waiting.append(item[1])
-                self.counters["prompt_tokens"] += len(item[1].prompt_ids)
-            elif kind == "cancel":
-                self._cancel(item[1], "abort")
-            elif kind == "register":
-                self._register(item[1], item[2])
-            elif kind == "unregister":
-                self.unloading.append(item[1])
-            elif kind == "stop":
-                self._stop(drain=item[1])
+    def _apply(self, messages: list[Message]) -> None:
+        for message in messages:
+            match message:
+                case AddRequest(request):
+                    self.waiting.append(request)
+                    self.counters["prompt_tokens"] += len(request.prompt_ids)
+                case CancelRequest(request_id):
+                    self._cancel(request_id, "abort")
+                case RegisterAdapter():
+                    self._register(message)
+                case UnregisterAdapter(name):
+                    self.unloading.append(name)
+                case Stop(drain):
+                    self._stop(drain=drain)
+                case _:
+                    raise TypeError(f"unknown serving loop message {message!r}")
 
-    def _register(self, name: str, path: str) -> None:
+    def _register(self, message: RegisterAdapter) -> None:
         err = None
         try:
-            self.pool.register(name, path)
-        except (ValueError, FileNotFoundError) as e:  # validated on rank 0 just before; only a race gets here
+            self.pool.register(message.name, message.path)
+        except (ValueError, FileNotFoundError) as e:  # files read on rank 0 just before: a taken name, or a race
             err = e
-        self._signal("register", name, err)
+        self._signal(message, err)
 
     def _stop(self, drain: bool) -> None:
         self.stopping = True
@@ -473,12 +518,12 @@ class ServingLoop:
             if self.pool.pinned(name) == 0 and all(r.adapter != name for r in self.waiting):
                 self.pool.unregister(name)
                 self.unloading.remove(name)
-                self._signal("unregister", name)
+                self._signal(UnregisterAdapter(name))
 
     # ---------------------------------------------------------------- rank 0: events to the requests' queues
     def _set_step_slots(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: per-token adapter slots of this step, grouped once for every LoRA layer."""
-        from megatron_bdlora.ops import SlotBatch
+        from megatron_bdlora.lora_batch import SlotBatch
 
         ctx = kwargs.get("inference_context") or self.engine.context  # (no engine yet while it captures graphs)
         input_ids = args[0] if args else kwargs["input_ids"]  # [1, padded tokens]
@@ -525,7 +570,7 @@ class ServingLoop:
         live.text, live.done = text, True
         self._live.pop(rid, None)
         if record is None:  # stopped by us before the engine finished it: free its engine slot too
-            self._inbox.put(("cancel", rid))
+            self._inbox.put(CancelRequest(rid))
 
     def _event(self, live: _Live, tokens: tuple[int, ...], text: str, finish: str | None = None, error: str | None = None) -> TokenEvent:
         return TokenEvent(

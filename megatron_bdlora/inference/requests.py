@@ -8,6 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class ParamError(ValueError):
+    """A request setting out of range, with the request field it is about (`param`: a GenerationParams field, or
+    "prompt" for the prompt itself), so that the server's 400 names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Per-request decoding settings (OpenAI / vLLM meanings); validated by `check()` before a request is queued."""
@@ -26,24 +35,25 @@ class GenerationParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     def check(self, prompt_tokens: int, max_model_len: int) -> None:
-        """ValueError naming the field and the allowed range (the server answers 400 with it)."""
+        """ParamError naming the field and the allowed range (the server answers 400 with it)."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise ParamError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if prompt_tokens < 1:
-            raise ValueError("the prompt is empty (0 tokens)")
+            raise ParamError("prompt", "the prompt is empty (0 tokens)")
         if prompt_tokens + self.max_tokens > max_model_len:
-            raise ValueError(
+            raise ParamError(
+                "max_tokens",
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({self.max_tokens}) exceeds the context length "
-                f"max_model_len={max_model_len}"
+                f"max_model_len={max_model_len}",
             )
         if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+            raise ParamError("temperature", f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0)):
-            raise ValueError(f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+            raise ParamError("top_k", f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ParamError("seed", f"seed must be an integer, got {self.seed!r}")
 
 
 @dataclass(frozen=True)

@@ -11,21 +11,11 @@ import torch
 import triton
 
 from megatron_bdlora.kernels.segment_lora import segment_lora_kernel
-from megatron_bdlora.ops import GraphLaunch, OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.lora_batch import GraphLaunch, OutputLayout, SlotBatch, SlotViews
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(value, 1))))
-
-
-def _output_tiles(views: SlotViews, block_n: int) -> int:
-    """Output tiles the widest slot needs: its blocks times the tiles of one block's rows."""
-    key = ("tiles", block_n)
-    if key not in views.__dict__:
-        views.__dict__[key] = max(
-            [v.blocks * triton.cdiv(v.rows // v.blocks, block_n) for v in views if v is not None], default=0
-        )
-    return views.__dict__[key]
 
 
 def _capacity_tiles(rows: int, block_n: int, max_blocks: int) -> int:
@@ -53,7 +43,7 @@ def _launch(x, weight, out, views, batch, *, shrink, scalings=None, layout=None,
             return
         block_n = block_n or _pow2_between(max(v.rows // v.blocks for v in live), 16, 64)
         block_k = block_k or _pow2_between(max(v.cols for v in live), 16, 128 if shrink else 64)
-        tiles = _output_tiles(views, block_n)
+        tiles = views.output_tiles(block_n)
         table = views.table(x.device)
         if x.is_cuda if fixed_grid is None else fixed_grid:  # fixed by the token count and views
             grid = (triton.cdiv(n, block_m), tiles * split_k, batch.slot_counts.numel())

@@ -5,7 +5,7 @@ with b(o) = o // (rows_s / blocks_s): a dense factor is one block, a packed bloc
 k blocks per rank) maps input chunk b to output chunk b. The grid is (token tiles, output tiles x split-K,
 slot capacity); its size depends only on the step's token count and the slot views, never on the batch's
 contents, so a captured CUDA graph replays any mix of adapters. A program reads its slot and segment from
-the step's metadata (ops.SlotBatch) and exits at once when its slot is idle, its tile lies past the slot's
+the step's metadata (lora_batch.SlotBatch) and exits at once when its slot is idle, its tile lies past the slot's
 tokens, rank or blocks: a rank-8 slot beside a rank-64 one does rank-8 work.
 
 Shrink reads tokens through the sort order and writes the rank space in slot order; expand reads it in slot
@@ -73,8 +73,14 @@ def segment_lora_kernel(
         mask_k = offs_k < k_hi
         j = block * cols + offs_k  # the slot's input column
         x_cols = (j // per_chunk) * chunk_stride + j % per_chunk
-        xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + x_cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_base + offs_n[None, :] * stride_wr + offs_k[:, None] * stride_wc, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        xt = tl.load(
+            x_ptr + x_rows[:, None] * stride_xm + x_cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_base + offs_n[None, :] * stride_wr + offs_k[:, None] * stride_wc,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         acc = tl.dot(xt.to(wt.dtype), wt, acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], float32
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + slot)

@@ -7,7 +7,6 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,7 @@ from typing import Any
 import yaml
 
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any process group work."""
+from megatron_bdlora.config_file import ConfigError, build_section
 
 
 @dataclass
@@ -163,55 +159,6 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
     return BatchLayout(world_size, p.tp, dp, p.micro_batch_size, grad_accum, p.global_batch_size, cfg.data.seq_length)
 
 
-def _build(cls: type, raw: Any, path: str) -> Any:
-    """Instantiate a config dataclass from a mapping, rejecting unknown keys and wrong types by path."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"unknown config key(s) {[f'{path}.{k}'.lstrip('.') for k in unknown]}{where}; allowed: {sorted(names)}")
-    kwargs = {}
-    for key, value in raw.items():
-        hint = hints[key]
-        sub = f"{path}.{key}".lstrip(".")
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, sub)
-        else:
-            kwargs[key] = _coerce(value, hint, sub)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check (and gently coerce: int -> float) a scalar or list against its annotation."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping, got {value!r}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}")
-    return value
-
-
 def _set_path(raw: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = raw
@@ -236,7 +183,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, value = item.split("=", 1)
         _set_path(raw, key.strip(), yaml.safe_load(value))
-    config = _build(TrainConfig, raw, "")
+    config = build_section(TrainConfig, raw, "")
     check_config(config)
     return config
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -55,29 +54,6 @@ def require_data_file(path: str | os.PathLike, key: str) -> None:
                "{\"messages\": [...]} for data.format=chat (`python tools/prepare_data.py --out-dir data` "
                f"makes the demo corpora {', '.join(f'data/{d}' for d in DEMO_DATASETS)})")
     raise FileNotFoundError(f"data file {path} does not exist ({key}); {how}")
-
-
-@dataclass
-class DataConfig:
-    """Where the fine-tuning examples come from and how long they are (the `data:` section of a run config)."""
-
-    train: str  # path of the training file
-    valid: str | None = None  # path of the held-out file, same format; None: no validation
-    format: Literal["text", "chat"] = "text"
-    seq_length: int = 512  # tokens per example (input and target windows)
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if not isinstance(self.seq_length, int) or self.seq_length < 1:
-            raise ValueError(f"data.seq_length must be a positive integer, got {self.seq_length!r}")
-
-
-def load_datasets(config: DataConfig, tokenizer: Any) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The training and (if configured) held-out examples of a run."""
-    train = load_examples(config.train, config.format, tokenizer, config.seq_length)
-    valid = load_examples(config.valid, config.format, tokenizer, config.seq_length) if config.valid else None
-    return train, valid
 
 
 def load_examples(path: str | os.PathLike, fmt: str, tokenizer: Any, seq_length: int) -> datasets.Dataset:

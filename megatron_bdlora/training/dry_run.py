@@ -17,14 +17,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megatron_bdlora.base_models import EMBEDDED, random_llama_config
+from megatron_bdlora.base_models import EMBEDDED, random_base_config
 from megatron_bdlora.checkpoint.base_model import CACHE_NAME, default_cache_dir
-from megatron_bdlora.checkpoint.hf import check_llama_config, layouts, padded_vocab_size
+from megatron_bdlora.checkpoint.hf import layouts, padded_vocab_size
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.param_count import BUILTIN_CONFIGS
 from megatron_bdlora.rope import llama3_rope_scaling, rope_theta
 from megatron_bdlora.sharding import Collective
-from megatron_bdlora.targets import cfg_field, llama_projections, lora_plan
+from megatron_bdlora.targets import cfg_field, check_llama_config, llama_projections, lora_plan
 from megatron_bdlora.training.config import BatchLayout, ConfigError, TrainConfig, batch_layout
 
 _BYTES = {"float32": 4, "bfloat16": 2}
@@ -64,7 +64,7 @@ def base_config(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
     if cfg.model.random_config:
         from transformers import LlamaConfig  # only here: fills LlamaConfig's defaults as the trainer's model gets them
 
-        hf_config = LlamaConfig(**random_llama_config(hf_config, cfg.model.random_config)).to_dict()
+        hf_config = LlamaConfig(**random_base_config(hf_config, cfg.model.random_config)).to_dict()
         source += " + model.random_config"
     return hf_config, source
 
@@ -246,8 +246,7 @@ def dry_run(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     hf_config, source = base_config(cfg)
     settings = cfg.lora.settings(cfg.seed)
     try:
-        check_llama_config(hf_config, layout.tp)
-        llama3_rope_scaling(hf_config)
+        check_llama_config(hf_config, layout.tp)  # what the model builder checks, RoPE included
         plan = sharding_plan(hf_config, settings, layout.tp)
     except ValueError as err:
         raise ConfigError(str(err)) from None

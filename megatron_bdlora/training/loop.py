@@ -56,7 +56,7 @@ def prepare_run(cfg: TrainConfig, world_size: int, rank: int = 0, resume: bool =
     from transformers import AutoTokenizer  # heavy imports after the cheap checks: config errors come fast
 
     from megatron_bdlora.base_models import ensure_megatron_base, resolve_hf_base
-    from megatron_bdlora.model import check_llama_config
+    from megatron_bdlora.targets import check_llama_config
     from megatron_bdlora.targets import lora_plan
 
     hf_dir = resolve_hf_base(cfg.model.base, cfg.model.random_config, cfg.seed)
@@ -79,15 +79,17 @@ def prepare_run(cfg: TrainConfig, world_size: int, rank: int = 0, resume: bool =
 def _init_adapter(path: str, settings, hf_config: dict, tp: int, tp_rank: int) -> Callable[[torch.nn.Module], None]:
     """This rank's slices of the adapter to start from (megatron orders TP ranks fastest: tp_rank = rank % tp),
     after checking it was made for this base model and with the run's LoRA settings."""
-    from megatron_bdlora.adapter_loading import load_adapter_for_model
     from megatron_bdlora.checkpoint.adapters import check_same_settings
+    from megatron_bdlora.checkpoint.reader import read_adapter
+    from megatron_bdlora.model import load_adapter_state_dict
 
-    saved, loader = load_adapter_for_model(path, hf_config, tp, tp_rank, plain_lora_mode=settings.mode.value)
+    saved = read_adapter(path, hf_config, tp, plain_lora_mode=settings.mode)
     try:
-        check_same_settings(saved, settings, tp, f"lora.init={path}")
+        check_same_settings(saved.settings, settings, tp, f"lora.init={path}")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return loader
+    state = saved.rank_state(tp_rank)
+    return lambda model: load_adapter_state_dict(model, state)
 
 
 def _causal(ids: torch.Tensor) -> torch.Tensor:
