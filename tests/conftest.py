@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -19,11 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare_data_module():
-    """tools/prepare_data.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "tools" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The demo corpus builder behind tools/prepare_data.py (megatron_bdlora.data_prep)."""
+    from megatron_bdlora import data_prep
+
+    return data_prep
 
 
 @pytest.fixture(scope="session")

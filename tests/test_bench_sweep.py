@@ -59,10 +59,9 @@ def test_table_ratios_are_the_points_own_measurements(sweep):
 
 
 def test_cost_model_prediction_is_attached_per_point(sweep):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import cost_model
+    from megatron_bdlora.bench import cost_model
 
-    machine = cost_model._load_machine(str(sweep["machine"]))
+    machine = cost_model.load_machine(str(sweep["machine"]))
     for point in sweep["points"]:
         want = {r["bd"]: r["predicted_ratio"] for r in cost_model.validate(point["result"], machine, "decode_step_ms_p50")}
         got = {r["bd"]: r["predicted_step_vs_slora"] for r in sweep["rows"] if r["value"] == point["value"]}

@@ -3,10 +3,8 @@ plot, the cache guard and argument validation, on synthetic results."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +16,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def cq():
-    """The script as a module (it is a tool, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("compare_quality", ROOT / "tools" / "compare_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    """The comparison behind tools/compare_quality.py (megatron_bdlora.bench.quality)."""
+    from megatron_bdlora.bench import quality
+
+    return quality
 
 
 @pytest.fixture(scope="module")

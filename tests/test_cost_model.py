@@ -5,7 +5,6 @@ at TP=2: exercised by hand, with its output in docs/machine_tp*.json, not in the
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ CONFIG = dict(hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS, n
 
 @pytest.fixture(scope="module")
 def cm():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import cost_model
+    from megatron_bdlora.bench import cost_model
 
     return cost_model
 
@@ -93,6 +91,6 @@ def test_a_machine_json_of_another_version_is_refused_naming_the_missing_keys(cm
     path = tmp_path / "machine.json"
     path.write_text(json.dumps({"machine": old}))
     with pytest.raises(SystemExit, match=r"machine\.json: key 'machine' lacks \['factor_reads_per_token'\]"):
-        cm._load_machine(str(path))
+        cm.load_machine(str(path))
     path.write_text(json.dumps({"machine": old | {"factor_reads_per_token": 3.0}}))
-    assert cm._load_machine(str(path)).in_loop_latency_us == ()  # a calibration without the in-loop table still loads
+    assert cm.load_machine(str(path)).in_loop_latency_us == ()  # a calibration without the in-loop table still loads

@@ -10,15 +10,12 @@ Vocabulary padding is dropped; dtypes are kept. The output appears only when com
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from safetensors import SafetensorError
 
-from safetensors import SafetensorError  # noqa: E402
-
-from megatron_bdlora.checkpoint.hf import MAX_SHARD_BYTES, convert_megatron_to_hf  # noqa: E402
+from megatron_bdlora.checkpoint.hf import MAX_SHARD_BYTES, convert_megatron_to_hf
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

@@ -4,397 +4,32 @@
     python tools/cost_model.py validate --bench runs/paper_tp2_8b.json --machine runs/machine_tp2.json
     python tools/cost_model.py predict --model llama-3.1-8b --tp 8 --machine a100-nvlink --json runs/predict_8b.json
 
-Per decode step of n tokens, on one TP rank:
-    T(mode) = T_base + sum over layers and targets [ c_branch + max(bytes / BW, flops / F) ]
-                     + sum over the plan's collectives [ alpha_kind(segment) + message bytes / beta_kind ]
-bytes: every token's own adapter's local factor slices (ShardingPlan.local_shape), read k times (BGMV: the torch path
-gathers them per token, [n, r, d], and multiplies: k = 3; a fused kernel reads them once: k = 1), plus the branch's
-activations; flops: 2 n (A + B local elements per adapter); collectives: one per fused megatron layer whose
-plan has one (S-LoRA: all-gather after qkv and gate/up, all-reduce after o and down), message n x local rank
-space. BW, F and c_branch (the fixed cost of one projection's shrink + expand: dispatch and launches) and
-(alpha, beta) per collective kind are measured here (`measure`: a sweep of all-reduce / all-gather sizes on the
-TP group, a copy, a skinny matmul, the LoRA ops at tiny size) or given for hardware we do not have (`predict`
-with the published-figure machines below). A collective inside a step also waits for the slowest rank to finish
-the compute before it, which back-to-back collectives never do: `measure` times that too (S-LoRA's pattern of
-collectives after matmul segments of several lengths, against the same segments without them), and alpha then
-is that in-loop cost at the step's segment length (its base step over its 2 base all-reduces per layer).
-T_base: `validate` takes the measured no-adapter decode step of the benchmark run; `predict` models it as the
-rank's weight bytes over HBM bandwidth plus the base layers' two all-reduces per layer (a lower bound: no
-kernel-launch, attention or scheduler time).
+The model, its terms and where each number comes from: megatron_bdlora.bench.cost_model. This file parses flags,
+prints and writes the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import statistics
-import sys
-import time
-from dataclasses import MISSING, asdict, dataclass
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
-import numpy as np
-import torch
-
-# spawned ranks import measure_worker from this file by module name
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_bdlora.atomic import atomic_write_text  # noqa: E402
-from megatron_bdlora.config import ALL_TARGETS, LoRASettings  # noqa: E402
-from megatron_bdlora.param_count import BUILTIN_CONFIGS, match_bd_rank  # noqa: E402
-from megatron_bdlora.sharding import Collective  # noqa: E402
-from megatron_bdlora.targets import llama_projections, lora_plan  # noqa: E402
-
-KINDS = {Collective.ALL_REDUCE: "all_reduce", Collective.ALL_GATHER: "all_gather"}
-SWEEP_BYTES = [2**k for k in range(6, 21, 2)]  # 64 B .. 1 MiB: the rank-space messages of decode and prefill
-# in-loop collectives: compute segments of n decode-shaped matmuls ([8, 1024] @ [1024, 1024]), ~1-40 ms here;
-# longer segments are held at the last point (their rounds spread by more than the collective costs)
-SEGMENT_MATMULS = (1, 4, 16, 64)
-PAPER = {"llama-3.1-8b": {"2r": 1.63, "4r": 1.30}, "llama-3.1-70b": {"2r": 1.79, "4r": 1.23}}  # BD / S-LoRA, 8xA100
-
-
-@dataclass(frozen=True)
-class Machine:
-    """What the model needs to know about the hardware, and where each number comes from."""
-
-    name: str
-    source: str
-    mem_bandwidth_gbs: float  # streaming reads (factors, weights)
-    matmul_gflops: float  # skinny (decode-shaped) matmuls
-    branch_overhead_us: float  # fixed cost of one projection's LoRA shrink + expand
-    factor_reads_per_token: float  # k: passes over each token's own factors (torch path 3, a fused kernel 1)
-    latency_us: dict  # collective kind -> alpha
-    bandwidth_gbs: dict  # collective kind -> beta (message bytes / (t - alpha))
-    # (compute segment us, us per collective) measured inside a compute loop; empty: use latency_us
-    in_loop_latency_us: tuple = ()
-
-    def collective_us(self, kind: str, message_bytes: int, segment_us: float | None = None) -> float:
-        """One collective's time; after a compute segment of segment_us, its in-loop latency where measured."""
-        alpha = self.latency_us[kind]
-        if self.in_loop_latency_us and segment_us is not None:
-            points = sorted(self.in_loop_latency_us)
-            # piecewise linear in log(segment), held flat beyond the measured range
-            alpha = float(np.interp(math.log(max(segment_us, 1e-3)), [math.log(p[0]) for p in points],
-                                    [p[1] for p in points]))
-        return alpha + message_bytes / (self.bandwidth_gbs[kind] * 1e3)
-
-
-# Published figures (a stated source each; the latency is the least certain number: see `predict`'s sweep).
-PUBLISHED = {
-    "a100-nvlink": Machine(
-        name="8x A100-SXM4-80GB, NVLink 3 (DGX A100)",
-        source="HBM2e 2039 GB/s and 312 dense bf16 TFLOP/s: NVIDIA A100 datasheet; NCCL all-reduce / all-gather of "
-               "small messages on 8 NVLink GPUs ~15 us (nccl-tests all_reduce_perf small sizes are 10-25 us on "
-               "NVLink systems, e.g. NVIDIA/nccl#583 (8x A100-SXM4), NCCL's own tuning model in NVIDIA/nccl#1453 "
-               "(25 us at 64 B, H100)); bus bandwidth ~230 GB/s (nccl-tests busbw on DGX A100); a LoRA projection = "
-               "2 kernel launches of ~4 us each (CUDA launch latency, no CUDA graphs)",
-        mem_bandwidth_gbs=2039.0,
-        matmul_gflops=312e3,
-        branch_overhead_us=8.0,
-        factor_reads_per_token=1.0,
-        latency_us={"all_reduce": 15.0, "all_gather": 15.0},
-        bandwidth_gbs={"all_reduce": 230.0, "all_gather": 230.0},
-    ),
-}
-
-
-def model_config(args_model: str, layers: int | None = None) -> dict:
-    config = dict(BUILTIN_CONFIGS[args_model])
-    if layers:
-        config["num_hidden_layers"] = layers
-    return config
-
-
-def collectives_per_step(hf_config: dict, settings: LoRASettings, tp: int, tokens: int, elem_bytes: int) -> list[tuple[str, int]]:
-    """(kind, message bytes) of every collective the adapters add to one forward over `tokens` tokens."""
-    out = []
-    projections = llama_projections(hf_config)
-    for layer_name in dict.fromkeys(p.megatron_layer for p in projections.values()):
-        targets = [t for t in settings.targets if projections[t].megatron_layer == layer_name]
-        plans = [lora_plan(hf_config, t, settings, tp) for t in targets]
-        if not plans or plans[0].collective is Collective.NONE:
-            continue
-        local_rank_space = sum(p.a.local_shape[0] for p in plans)  # one collective for the fused layer
-        size = tokens * local_rank_space * elem_bytes * (tp if plans[0].collective is Collective.ALL_GATHER else 1)
-        out.append((KINDS[plans[0].collective], size))
-    return out * hf_config["num_hidden_layers"]
-
-
-def lora_work(hf_config: dict, settings: LoRASettings, tp: int, tokens: int, factor_reads: float,
-              elem_bytes: int) -> tuple[float, int, int]:
-    """(bytes, flops, branches) of one rank's LoRA branches in one forward of `tokens` tokens, each token reading its
-    own adapter's factors `factor_reads` times."""
-    per_layer_bytes = per_layer_flops = 0
-    for t in settings.targets:
-        plan = lora_plan(hf_config, t, settings, tp)
-        a, b = plan.a.local_shape, plan.b.local_shape
-        factors = a[0] * a[1] + b[0] * b[1]
-        activations = tokens * (a[1] * plan.a.local_blocks + b[0])  # x read, output read + written (once)
-        per_layer_bytes += elem_bytes * (factor_reads * tokens * factors + 2 * activations)
-        per_layer_flops += 2 * tokens * factors
-    layers = hf_config["num_hidden_layers"]
-    return per_layer_bytes * layers, per_layer_flops * layers, len(settings.targets) * layers
-
-
-def predict_step(hf_config: dict, settings: LoRASettings | None, tp: int, tokens: int, machine: Machine,
-                 base_ms: float, elem_bytes: int) -> dict:
-    """Milliseconds of one decode step in a mode (settings None: no adapter), split into its terms."""
-    if settings is None:
-        return dict(base_ms=base_ms, lora_ms=0.0, collectives_ms=0.0, collectives=0, total_ms=base_ms)
-    nbytes, flops, branches = lora_work(hf_config, settings, tp, tokens, machine.factor_reads_per_token, elem_bytes)
-    per_branch_us = [machine.branch_overhead_us] * branches
-    lora_ms = (sum(per_branch_us) + max(nbytes / (machine.mem_bandwidth_gbs * 1e3),
-                                        flops / (machine.matmul_gflops * 1e3))) / 1e3
-    colls = collectives_per_step(hf_config, settings, tp, tokens, elem_bytes)
-    segment_us = base_ms * 1e3 / (2 * hf_config["num_hidden_layers"])  # compute between two base all-reduces
-    coll_ms = sum(machine.collective_us(kind, size, segment_us) for kind, size in colls) / 1e3
-    return dict(base_ms=base_ms, lora_ms=lora_ms, collectives_ms=coll_ms, collectives=len(colls),
-                total_ms=base_ms + lora_ms + coll_ms)
-
-
-def modelled_base_ms(hf_config: dict, tp: int, tokens: int, machine: Machine, elem_bytes: int) -> float:
-    """Lower bound of a base decode step: the rank's layer weights over memory bandwidth + 2 all-reduces per layer."""
-    per_layer = sum(p.d_in * p.d_out for p in llama_projections(hf_config).values())
-    layers = hf_config["num_hidden_layers"]
-    weights_us = per_layer * layers / tp * elem_bytes / (machine.mem_bandwidth_gbs * 1e3)
-    allreduce_us = 2 * layers * machine.collective_us("all_reduce", tokens * hf_config["hidden_size"] * elem_bytes)
-    return (weights_us + allreduce_us) / 1e3
-
-
-def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares t = alpha + bytes / beta over (bytes, us) points; (alpha us, beta GB/s)."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)  # us per byte
-    slope = max(slope, 1e-9)
-    return my - slope * mx, 1.0 / slope / 1e3
-
-
-# ---------------------------------------------------------------------------------------------------- measure
-
-
-def _median_us(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
-
-
-def measure_worker(info, threads: int, reps: int) -> dict:
-    """On every rank of the TP group: the collective sweep; rank 0 also the local rates."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
-    group = dist.group.WORLD
-    sweep = {}
-    for kind in ("all_reduce", "all_gather"):
-        points = []
-        for size in SWEEP_BYTES:
-            x = torch.ones(size // 4)
-            if kind == "all_reduce":
-                fn = lambda: dist.all_reduce(x, group=group)  # noqa: E731
-            else:
-                out = torch.empty(x.numel() * info.tp_size)
-                fn = lambda: dist.all_gather_into_tensor(out, x, group=group)  # noqa: E731
-            dist.barrier()
-            points.append((size * (info.tp_size if kind == "all_gather" else 1), _median_us(fn, reps)))
-        sweep[kind] = points
-    in_loop = in_loop_latency(info.tp_size, group, reps)
-    if info.rank != 0:
-        return {}
-    return dict(sweep=sweep, in_loop=in_loop, **local_rates(reps))
-
-
-def in_loop_latency(tp: int, group, reps: int, seconds_per_point: float = 5.0) -> list[tuple[float, float]]:
-    """(segment us, extra us per collective) of S-LoRA's collectives after compute segments of each length.
-
-    A decode step alternates compute segments with the base layers' all-reduces. S-LoRA adds an all-gather inside
-    a segment (after qkv or gate/up, ~0.6 of it) and an all-reduce just before the base one (after o or down).
-    Both patterns run interleaved on every rank; their difference in one round, halved, is what one added
-    collective costs once the ranks arrive at it at different times (median over rounds). It is noisy, so each
-    point runs at least `reps` rounds and as many as fill `seconds_per_point` (rank 0's estimate, the same count
-    on every rank).
-    """
-    import torch.distributed as dist
-
-    x, w = torch.randn(8, 1024), torch.randn(1024, 1024)
-    base, small = torch.zeros(8 * 1024), torch.zeros(8 * 64)  # a base all-reduce; a rank-space intermediate
-    gathered = torch.empty(small.numel() * tp)
-
-    def compute(n: int) -> None:
-        for _ in range(n):
-            torch.matmul(x, w)
-
-    def base_only(n: int) -> None:
-        compute(n)
-        dist.all_reduce(base, group=group)
-
-    def with_slora(n: int) -> None:
-        first = max(1, round(0.6 * n))
-        compute(first)
-        dist.all_gather_into_tensor(gathered, small, group=group)
-        compute(n - first)
-        dist.all_reduce(small, group=group)
-        dist.all_reduce(base, group=group)
-
-    points = []
-    for n in SEGMENT_MATMULS:
-        t = time.perf_counter()
-        with_slora(n)
-        rounds = torch.tensor([max(reps, min(1000, int(seconds_per_point / (3 * (time.perf_counter() - t)))))])
-        dist.broadcast(rounds, src=0, group=group)
-        times = {"compute": [], "base": [], "slora": []}
-        dist.barrier(group=group)
-        for _ in range(int(rounds) + 1):  # the first round warms up
-            for name, fn in (("compute", compute), ("base", base_only), ("slora", with_slora)):
-                t = time.perf_counter()
-                fn(n)
-                times[name].append((time.perf_counter() - t) * 1e6)
-            dist.barrier(group=group)  # (compute alone ran unsynchronised; start the next round together)
-        # paired within each round (both patterns ran back to back), so drift of the machine cancels
-        extra = statistics.median(s - b for s, b in zip(times["slora"][1:], times["base"][1:])) / 2
-        points.append((statistics.median(times["compute"][1:]), extra))
-    return points
-
-
-def local_rates(reps: int) -> dict:
-    """Copy bandwidth, skinny-matmul rate and the fixed cost of one LoRA projection branch (torch ops path)."""
-    from megatron_bdlora.ops import FactorView, SlotBatch, lora_expand, lora_shrink
-
-    src = torch.randn(2**24)
-    dst = torch.empty_like(src)
-    copy_us = _median_us(lambda: dst.copy_(src), max(5, reps // 4))
-    x, w = torch.randn(8, 4096), torch.randn(4096, 256)
-    mm_us = _median_us(lambda: torch.matmul(x, w), reps)
-    views = [FactorView(8, 64)] * 4
-    a, b = torch.randn(4, 8, 64), torch.randn(4, 64, 8)
-    batch = SlotBatch.from_slot_ids(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 4)
-    xs, out = torch.randn(8, 64), torch.zeros(8, 64)
-    scal = torch.ones(4)
-    branch_us = _median_us(lambda: lora_expand(lora_shrink(xs, a, views, batch), b, views, scal, batch, out), reps)
-    return dict(mem_bandwidth_gbs=2 * src.numel() * 4 / (copy_us * 1e3), matmul_gflops=2 * 8 * 4096 * 256 / (mm_us * 1e3),
-                branch_overhead_us=branch_us)
-
-
-def measure(args: argparse.Namespace) -> dict:
-    import cost_model  # the worker by module name, so spawned ranks can unpickle it
-
-    from megatron_bdlora.local_ranks import run_distributed
-
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    raw = run_distributed(cost_model.measure_worker, args.tp, args.threads, args.reps)[0]
-    fits = {kind: fit_line(points) for kind, points in raw["sweep"].items()}
-    machine = Machine(
-        name=f"this machine, TP={args.tp} gloo ranks, {args.threads} thread(s) each",
-        source="measured by tools/cost_model.py measure",
-        mem_bandwidth_gbs=raw["mem_bandwidth_gbs"], matmul_gflops=raw["matmul_gflops"],
-        branch_overhead_us=raw["branch_overhead_us"],
-        factor_reads_per_token=3.0,  # measure runs the torch path: gather each token's factors, then bmm
-        latency_us={k: f[0] for k, f in fits.items()}, bandwidth_gbs={k: f[1] for k, f in fits.items()},
-        in_loop_latency_us=tuple(tuple(p) for p in raw["in_loop"]),
-    )
-    print(f"collective sweep at TP={args.tp} (message bytes: median us)")
-    for kind, points in raw["sweep"].items():
-        print(f"  {kind:11} " + "  ".join(f"{b}:{t:.0f}" for b, t in points)
-              + f"   fit: {fits[kind][0]:.0f} us + bytes / {fits[kind][1]:.2f} GB/s")
-    print("  in the loop (compute segment us: us per added collective) "
-          + "  ".join(f"{s:.0f}:{t:.0f}" for s, t in machine.in_loop_latency_us))
-    print(f"copy {machine.mem_bandwidth_gbs:.1f} GB/s, skinny matmul {machine.matmul_gflops:.1f} GFLOP/s, "
-          f"LoRA branch fixed cost {machine.branch_overhead_us:.0f} us")
-    return dict(machine=asdict(machine), sweep=raw["sweep"], tp=args.tp)
-
-
-# ---------------------------------------------------------------------------------------------------- validate
-
-
-def _bench_settings(bench: dict) -> dict[str, LoRASettings]:
-    out = {}
-    for variant, s in bench["config"]["adapter_settings"].items():
-        out[variant] = LoRASettings(rank=s["rank"], alpha=s["alpha"], mode=s.get("mode", "block_diagonal"),
-                                    nblocks=s["nblocks"])
-    return out
-
-
-def validate(bench: dict, machine: Machine, statistic: str = "decode_step_ms_p10") -> list[dict]:
-    """Predicted vs measured decode-step ratio of every BD system against S-LoRA in a bench_serving run.
-
-    statistic: which decode-step time of each system (per repeat, then the median over repeats) is compared; the
-    10th percentile by default, closest to the uncontended cost when other work shares the machine.
-    """
-    cfg = bench["config"]
-    hf_config, tp = cfg["base_hf_config"], cfg["tp"]
-    systems, served = bench["systems"], cfg.get("systems_served", {})
-    variants = _bench_settings(bench)
-    tokens = min(cfg["max_num_seqs"], cfg["num_requests"])
-    adapters = min(cfg["num_adapters"], tokens)
-    base_ms = systems["none"]["metrics"][statistic]
-    elem_bytes = 4  # the CPU benchmark serves float32
-
-    def settings_of(name: str) -> LoRASettings:
-        s = variants[served[name]["variant"]] if served else variants["bd"]
-        mode = served[name]["mode"] if served else name
-        return LoRASettings(rank=s.rank, alpha=s.alpha, mode=mode, nblocks=s.nblocks if mode == "block_diagonal" else None)
-
-    slora = predict_step(hf_config, settings_of("slora"), tp, tokens, machine, base_ms, elem_bytes)
-    rows = []
-    for name in systems:
-        if not name.startswith(("bd", "block_diagonal")):
-            continue
-        bd = predict_step(hf_config, settings_of(name), tp, tokens, machine, base_ms, elem_bytes)
-        measured = systems["slora"]["metrics"][statistic] / systems[name]["metrics"][statistic]
-        predicted = slora["total_ms"] / bd["total_ms"]
-        rows.append(dict(bd=name, label=systems[name]["label"], tp=tp, tokens=tokens, adapters=adapters,
-                         predicted_ratio=predicted, measured_ratio=measured, error=predicted / measured - 1,
-                         within_15pct=abs(predicted / measured - 1) <= 0.15, bd_terms=bd, slora_terms=slora,
-                         statistic=statistic, measured_bd_ms=systems[name]["metrics"][statistic],
-                         measured_slora_ms=systems["slora"]["metrics"][statistic], measured_base_ms=base_ms))
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------- predict
-
-
-def predict(model: str, tp: int, machine: Machine, tokens_list: list[int], lora_rank: int, elem_bytes: int = 2) -> list[dict]:
-    """BD (2r, 4r, matched) / S-LoRA (r) decode-step ratios at TP for each decode batch, beside the paper's."""
-    hf_config = model_config(model)
-    lora = LoRASettings(rank=lora_rank, alpha=2.0 * lora_rank, mode="slora")
-    bd_ranks = {"2r": 2 * lora_rank, "4r": 4 * lora_rank, "matched": match_bd_rank(hf_config, ALL_TARGETS, tp, lora_rank)}
-    rows = []
-    for tokens in tokens_list:
-        base = modelled_base_ms(hf_config, tp, tokens, machine, elem_bytes)
-        s = predict_step(hf_config, lora, tp, tokens, machine, base, elem_bytes)
-        for label, rank in bd_ranks.items():
-            bd = predict_step(hf_config, LoRASettings(rank=rank, alpha=2.0 * rank, nblocks=tp), tp, tokens, machine,
-                              base, elem_bytes)
-            rows.append(dict(model=model, tp=tp, tokens=tokens, bd=label, bd_rank=rank, lora_rank=lora_rank,
-                             predicted_ratio=s["total_ms"] / bd["total_ms"], paper_ratio=PAPER.get(model, {}).get(label),
-                             bd_terms=bd, slora_terms=s))
-    return rows
-
-
-def _load_machine(value: str) -> Machine:
-    if value in PUBLISHED:
-        return PUBLISHED[value]
-    path = Path(value)
-    if not path.is_file():
-        raise SystemExit(f"--machine {value!r}: neither a built-in machine {sorted(PUBLISHED)} nor a JSON file")
-    fields = json.loads(path.read_text()).get("machine", {})
-    missing = [f.name for f in dataclass_fields(Machine) if f.name not in fields and f.default is MISSING]
-    if missing:
-        raise SystemExit(f"--machine {path}: key 'machine' lacks {missing}: not the JSON of this version's "
-                         f"`cost_model.py measure` (run it again)")
-    return Machine(**fields)
+from megatron_bdlora.bench.cost_model import (
+    PAPER,
+    PUBLISHED,
+    format_prediction,
+    format_validation,
+    load_machine,
+    measure,
+    predict_with_sensitivity,
+    validate_files,
+)
+from megatron_bdlora.bench.results import write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The subcommand (measure, validate, predict) and its flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("measure", help="calibrate collectives, bandwidth, matmul rate and LoRA branch cost here")
     m.add_argument("--tp", type=int, default=2, help="gloo ranks of the TP group to sweep (default 2)")
@@ -420,46 +55,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the subcommand, print its table, write the JSON; returns what the JSON holds."""
     args = parse_args(argv)
     if args.command == "measure":
-        result = measure(args)
+        result = measure(args.tp, args.threads, args.reps)
     elif args.command == "validate":
         if len(args.bench) != len(args.machine):
-            raise SystemExit(f"give one --machine per --bench ({len(args.bench)} benches, {len(args.machine)} machines)")
-        rows = []
-        for bench_path, machine in zip(args.bench, args.machine):
-            data = json.loads(bench_path.read_text())
-            # a bench_sweep.py JSON holds one bench_serving result per point of its axis
-            points = [(f"{data['axis']}={p['value']}", p["result"]) for p in data["points"]] if "points" in data else [("", data)]
-            calibration = _load_machine(machine)
-            if args.latency == "isolated":
-                calibration = Machine(**{**asdict(calibration), "in_loop_latency_us": ()})
-            for point, result in points:
-                rows += [dict(r, bench=bench_path.name, point=point) for r in validate(result, calibration, args.statistic)]
-        print(f"{'bench':28} {'point':10} {'TP':>2} {'BD system':18} {'measured':>8} {'predicted':>9} {'error':>6}"
-              "  (BD / S-LoRA decode step)")
-        for row in rows:
-            print(f"{row['bench']:28} {row['point']:10} {row['tp']:>2} {row['label']:18} {row['measured_ratio']:8.3f} "
-                  f"{row['predicted_ratio']:9.3f} {100 * row['error']:5.1f}%")
+            raise SystemExit(f"give one --machine per --bench ({len(args.bench)} benches, "
+                             f"{len(args.machine)} machines)")
+        rows = validate_files(args.bench, args.machine, args.statistic, args.latency)
+        print(format_validation(rows))
         result = dict(rows=rows)
     else:
-        machine = _load_machine(args.machine)
+        machine = load_machine(args.machine)
         tokens = [int(t) for t in args.tokens.split(",")]
-        rows = predict(args.model, args.tp, machine, tokens, args.lora_rank)
-        sensitivity = {}
-        for latency in (8.0, 15.0, 30.0):  # the least certain input: small-message collective latency
-            m = Machine(**{**asdict(machine), "latency_us": {k: latency for k in machine.latency_us}})
-            sensitivity[latency] = predict(args.model, args.tp, m, tokens, args.lora_rank)
-        print(f"{args.model} TP={args.tp} on {machine.name}: BD / S-LoRA (r={args.lora_rank}) decode step, predicted")
-        print(f"{'tokens':>6} {'BD':8} {'rank':>4} {'predicted':>9} {'at 8/15/30 us':>16} {'paper':>6}")
-        for i, row in enumerate(rows):
-            sens = "/".join(f"{sensitivity[lat][i]['predicted_ratio']:.2f}" for lat in sensitivity)
-            paper = f"{row['paper_ratio']:.2f}" if row["paper_ratio"] else "-"
-            print(f"{row['tokens']:>6} {row['bd']:8} {row['bd_rank']:>4} {row['predicted_ratio']:9.2f} {sens:>16} {paper:>6}")
-        result = dict(machine=asdict(machine), rows=rows,
-                      latency_sensitivity={str(k): [r["predicted_ratio"] for r in v] for k, v in sensitivity.items()})
+        result = predict_with_sensitivity(args.model, args.tp, machine, tokens, args.lora_rank)
+        print(format_prediction(result, args.model, args.tp, machine, args.lora_rank))
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return result
 
 

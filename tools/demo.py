@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TP = 3  # SmolLM2-135M has 3 KV heads: TP 1 or 3; BD blocks = TP, so the adapters are communication-free
 CONFIG = REPO / "configs" / "smollm2-135m-bdlora-tp3.yaml"  # model, LoRA and batch settings of both adapters

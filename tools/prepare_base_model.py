@@ -9,12 +9,9 @@ a float32 LlamaForCausalLM (model.safetensors, config.json) with its tokenizer a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_bdlora.checkpoint.base_model import BaseModelError, prepare_base_model  # noqa: E402
+from megatron_bdlora.checkpoint.base_model import BaseModelError, prepare_base_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,15 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return found
 
 
+def repo_root() -> Path:
+    """The checkout the package runs from (the git repository whose commit `code_version` records)."""
+    return Path(__file__).resolve().parents[2]
+
+
 def code_version(commit: str | None = None) -> dict:
     """The commit of the package that ran and the tracked files changed since; `commit`, when given, names it
     (a working tree copied to a GPU node may carry a stale .git)."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = repo_root()
 
     def git(*cmd: str) -> str | None:
         try:
@@ -42,19 +47,29 @@ def code_version(commit: str | None = None) -> dict:
                 modified_files=None if changed is None else [ln[3:] for ln in changed.splitlines()])
 
 
-def machine() -> dict:
-    """CPU, GPU and Python of this host."""
-    cpu_model = platform.processor()
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what `platform` knows)."""
+    model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model)
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
     except OSError:
         pass
+    return model
+
+
+def usable_cpu_count() -> int | None:
+    """CPUs this process may run on (its affinity mask): a container or `taskset` can leave fewer than the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine() -> dict:
+    """CPU, GPU and Python of this host."""
     info = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         python=platform.python_version(),
         platform=platform.platform(),
-        cpu_model=cpu_model,
+        cpu_model=cpu_model(),
         cpu_count=os.cpu_count(),
         gpu=None,
     )
