@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_bdlora.inference.engine import ServingConfig
+from megatron_bdlora.inference.serving_loop import ServingConfig
 from megatron_bdlora.inference.requests import GenerationParams
 
 
@@ -39,7 +39,7 @@ def generate_mixed_batch(
     order, the most requests that one engine step held), the other ranks ([], that count)."""
     from tqdm import tqdm
 
-    from megatron_bdlora.inference.engine import ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingLoop
 
     loop = ServingLoop.create(config, info)
     lead = info.rank == 0

@@ -32,11 +32,11 @@ import uvicorn
 import yaml
 
 from megatron_bdlora.config_file import ConfigError, build_section
-from megatron_bdlora.inference.engine import ServingConfig
+from megatron_bdlora.inference.serving_loop import ServingConfig
 from megatron_bdlora.sharding import Mode
 
 if TYPE_CHECKING:
-    from megatron_bdlora.inference.engine import ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingLoop
 
 MODES = tuple(m.value for m in Mode)  # the sharding plan owns the list
 DTYPES = ("float32", "bfloat16", "float16")
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_bdlora.parallel import silence_expected_warnings
 
     silence_expected_warnings()
-    from megatron_bdlora.inference.engine import ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingLoop
     from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
     info = init_parallel(tp_size=world_size)

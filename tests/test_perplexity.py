@@ -18,7 +18,7 @@ from megatron_bdlora.perplexity import BASE, PerplexitySpec, format_table, own_c
 from megatron_bdlora.training.config import load_config
 from peft_reference import peft_model, random_factors
 from serving_reference import SERVE_LLAMA, adapter_settings, merged_references, serve_base, write_adapters
-from test_inference_engine import tp1  # noqa: F401 (the fixture: TP=1 process groups in this process)
+from test_megatron_engine import tp1  # noqa: F401 (the fixture: TP=1 process groups in this process)
 
 TP = 1
 ADAPTERS = ["a2", "a0"]  # BD with 2 blocks, and 1 block; write_adapters seeds them 100, 101
@@ -35,7 +35,7 @@ def _write_corpus(path: Path, seed: int) -> Path:
 
 
 def _worker(info, spec: PerplexitySpec, adapters: dict[str, str], requests: list):
-    from megatron_bdlora.inference.engine import ServingConfig
+    from megatron_bdlora.inference.serving_loop import ServingConfig
     from megatron_bdlora.inference.requests import GenerationParams
     from megatron_bdlora.mixed_batch import generate_mixed_batch
     from megatron_bdlora.perplexity import perplexity_worker

@@ -758,7 +758,7 @@ def test_serve_flags_override_the_yaml_and_add_adapters(tmp_path):
 def test_serve_cuda_graphs_key_reads_yaml_booleans_and_needs_a_gpu(tmp_path):
     """YAML 1.1 reads a bare `on` as true: the key means the flag's on; on a host without CUDA the engine refuses
     it before reading the model."""
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.serve import check_options, load_options
 
     config = tmp_path / "serve.yaml"
@@ -789,7 +789,7 @@ def run_serve_with_fake_engine(argv: list[str]) -> int:
     import megatron_bdlora.parallel as parallel
     from megatron_bdlora import serve
 
-    from megatron_bdlora.inference.engine import ServingConfig  # the real fields: serve.py must pass only those
+    from megatron_bdlora.inference.serving_loop import ServingConfig  # the real fields: serve.py must pass only those
 
     class ServingLoop(FakeLoop):
         @classmethod
@@ -805,7 +805,7 @@ def run_serve_with_fake_engine(argv: list[str]) -> int:
             super().shutdown(drain)
             print(f"FAKE shutdown drain={drain}", flush=True)
 
-    engine = types.ModuleType("megatron_bdlora.inference.engine")
+    engine = types.ModuleType("megatron_bdlora.inference.serving_loop")
     engine.ServingConfig, engine.ServingLoop = ServingConfig, ServingLoop
     sys.modules[engine.__name__] = engine
     parallel.init_parallel = lambda tp_size, **_: parallel.ParallelInfo(0, 1, 0, tp_size, 0, 1, torch.device("cpu"))

@@ -1,6 +1,6 @@
 """Serving the embedded SmolLM2-135M-Instruct at TP=3 over HTTP: an adapter written by PEFT itself (use_bdlora,
 nblocks 3) and the base model, requested concurrently so they share decode steps, against transformers (+ PEFT).
-Mixed streams of several BD adapters against merged full recompute: test_serving_engine.py (random Llamas)."""
+Mixed streams of several BD adapters against merged full recompute: test_serving_loop.py (random Llamas)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
 Spawns --tp gloo ranks (one thread each). Variants: the frozen base with no adapter (forward + backward of the
 activations only: the floor every adapter pays), BD-LoRA at the rank whose parameter count matches LoRA's
 (PEFT's rule, nblocks = TP), S-LoRA and replicated at --rank; every adapter on all seven projections. Each
-adapter variant trains through the project's own DeepSpeed engine (`training.engine.build_engine`: AdamW,
+adapter variant trains through the project's own DeepSpeed engine (`training.deepspeed_engine.build_engine`: AdamW,
 gradient clipping with the TP-aware norm), one micro-batch of random token ids per step. Models are built once
 and their steps interleaved, so drift in machine load hits every variant alike; the table shows the median of
 --repeats steps (the slowest rank's time of each) and the collectives of one extra, untimed step by kind.

@@ -146,7 +146,7 @@ def step_serve_and_score(args: argparse.Namespace, meg_dir: Path, adapters: dict
     """Samples (OUT/samples.json) and the perplexity table (OUT/perplexity.json), computed together when missing."""
     from transformers import AutoTokenizer
 
-    from megatron_bdlora.inference.engine import ServingConfig
+    from megatron_bdlora.inference.serving_loop import ServingConfig
     from megatron_bdlora.inference.requests import GenerationParams
     from megatron_bdlora.local_ranks import run_distributed
     from megatron_bdlora.perplexity import PerplexitySpec

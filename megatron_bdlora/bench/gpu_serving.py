@@ -4,7 +4,7 @@
    adapters of different ranks and block counts (1, 2, 4, 8) and for the base model, arriving while others run,
    greedy, prompts long enough for chunked prefill. Each request must equal the same request alone with its adapter
    merged into the base weights and the whole sequence recomputed every step (no KV cache, megatron's own
-   attention): tokens equal, logits within 1e-4 of their scale. This is tests/test_serving_engine.py's check at
+   attention): tokens equal, logits within 1e-4 of their scale. This is tests/test_serving_loop.py's check at
    Llama-3.1-8B layer widths on the device where the paged attention, the Triton LoRA kernels and (cuda_graphs)
    megatron's captured decode steps actually run.
 2. `speed_part`: decode tokens/s and decode step time (median, p10-p90) in bf16 at Llama-3.1-8B widths for BD
@@ -65,7 +65,7 @@ def llama_config(widths: dict, layers: int, vocab: int) -> dict:
 
 def graphs_flag_available() -> bool:
     """Whether this checkout's ServingConfig has the CUDA-graph switch."""
-    from megatron_bdlora.inference.engine import ServingConfig
+    from megatron_bdlora.inference.serving_loop import ServingConfig
 
     return "cuda_graphs" in ServingConfig.__dataclass_fields__
 
@@ -78,7 +78,7 @@ def serving_loop(info: Any, hf_config: dict, state: dict[str, torch.Tensor], tok
     device, then the weights are copied in; one slot per adapter, so none is evicted while timing.
     """
     from megatron_bdlora.inference.adapter_slots import serving_settings
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.model import build_model, load_base_state_dict
 
     slots = max(1, len(adapters))

@@ -128,7 +128,7 @@ def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict
     """On one TP rank: build a loop per mode, warm each system up, replay the workload --repeats times."""
     from tqdm import tqdm
 
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
 
     torch.set_num_threads(spec["threads"])
     specs, names = spec["systems"], spec["names"]

@@ -69,7 +69,7 @@ def train_worker(info: Any, spec: dict) -> dict | None:
     from megatron_bdlora.comm_count import count_collectives
     from megatron_bdlora.model import build_model
     from megatron_bdlora.training.config import TrainConfig
-    from megatron_bdlora.training.engine import build_engine
+    from megatron_bdlora.training.deepspeed_engine import build_engine
     from megatron_bdlora.training.loop import token_losses
 
     torch.set_num_threads(spec["threads"])

@@ -31,7 +31,7 @@ from megatron_bdlora.inference.protocol import (
 from megatron_bdlora.inference.requests import GenerationParams, ParamError, TokenEvent
 
 if TYPE_CHECKING:
-    from megatron_bdlora.inference.engine import ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingLoop
 
 POLL_S = 0.25  # how often a waiting request checks that the engine is alive and the client still connected
 MAX_WAITING_THREADS = 512  # worker threads that may block on event queues at once (one per waiting request)

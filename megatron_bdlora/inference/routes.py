@@ -40,7 +40,7 @@ from megatron_bdlora.inference.protocol import (
 )
 
 if TYPE_CHECKING:
-    from megatron_bdlora.inference.engine import ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingLoop
 
 log = logging.getLogger(__name__)
 

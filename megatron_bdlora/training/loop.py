@@ -121,7 +121,7 @@ class Trainer:
         from megatron_bdlora.model import build_model, load_base_state_dict
         from megatron_bdlora.parallel import init_parallel
         from megatron_bdlora.training.data import GlobalBatchSampler
-        from megatron_bdlora.training.engine import build_engine
+        from megatron_bdlora.training.deepspeed_engine import build_engine
 
         cfg = self.cfg = run.cfg
         self.run_info = run

@@ -140,7 +140,7 @@ class ServingLoop:
 
     def __init__(self, config: ServingConfig, info: Any, model: torch.nn.Module, tokenizer: Any) -> None:
         from megatron_bdlora.inference.adapter_slots import load_host_adapter, write_slot
-        from megatron_bdlora.inference.dynamic import build_dynamic_engine
+        from megatron_bdlora.inference.megatron_engine import build_dynamic_engine
         from megatron_bdlora.inference.pool import AdapterPool
         from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingController
         from megatron_bdlora.layers import LoRAParallelLinear

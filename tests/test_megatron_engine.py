@@ -72,7 +72,7 @@ def kv_buffer_gb(info, blocks: int) -> float:
 
 
 def engine_for(model, **overrides):
-    from megatron_bdlora.inference.dynamic import build_dynamic_engine
+    from megatron_bdlora.inference.megatron_engine import build_dynamic_engine
 
     kwargs = dict(
         max_sequence_length=128,
@@ -194,7 +194,7 @@ def tp1_model(tp1):
 
 
 def test_tokenizer_adapter_gives_megatron_the_hf_ids_text_and_eos():
-    from megatron_bdlora.inference.dynamic import HFTokenizerAdapter
+    from megatron_bdlora.inference.megatron_engine import HFTokenizerAdapter
 
     tok = HFTokenizerAdapter(word_tokenizer())
     assert tok.tokenize("t3 t4 t5") == [3, 4, 5]

@@ -38,7 +38,7 @@ def modes_worker(info, meg_dir, adapters, modes, stream, loop_kwargs, backend="a
 
 def stream_worker(info, meg_dir, adapters, mode, stream, loop_kwargs):
     """Run the stream through the serving loop (rank 0 submits; every rank steps); then the references."""
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
 
     config = ServingConfig(megatron_dir=meg_dir, mode=mode, adapters=adapters, **loop_kwargs)
@@ -144,7 +144,7 @@ def collectives_worker(info, meg_dir, adapters, modes):
 
 
 def _decode_collectives(info, meg_dir, adapters, mode):
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
     from megatron_bdlora.layers import LoRAParallelLinear
     from megatron_bdlora.sharding import Collective
@@ -185,7 +185,7 @@ def test_decode_step_collectives_bd_equal_base_slora_adds_the_plans(served):
 
 def unload_worker(info, meg_dir, adapters):
     """Unload an adapter while its request runs (waits for it); the other requests are untouched."""
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
 
     loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters=adapters,
@@ -225,7 +225,7 @@ def test_unload_waits_for_requests_in_flight_and_changes_no_other_output(served)
 
 def sampling_worker(info, meg_dir, adapters, crowd):
     """A seeded sampled request alone, then among other sampled requests arriving at other steps."""
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
 
     loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters=adapters,
@@ -260,7 +260,7 @@ def test_the_same_seed_gives_the_same_text_whatever_the_batch(served):
 
 def validation_worker(info, meg_dir, good, bad):
     """Rank 0 loads each bad adapter into a running loop (each refused), then serves the good one."""
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
 
     loop = ServingLoop.create(ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters={}, max_loras=2,
@@ -321,7 +321,7 @@ def test_unfit_adapters_are_refused_with_a_clear_error_and_the_loop_keeps_servin
 
 def cancel_worker(info, meg_dir, adapters):
     """A cancel in the middle of a chunked prefill, a stop token id and a stop string, beside an untouched request."""
-    from megatron_bdlora.inference.engine import ServingConfig, ServingLoop
+    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
     from megatron_bdlora.inference.requests import GenerationParams
 
     keep, other = ([5, 6, 7], "a1"), ([8, 9, 10, 11], None)
