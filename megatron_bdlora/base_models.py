@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.checkpoint.base_model import CACHE_NAME, default_cache_dir, ensure_base_model, exclusive_lock
+from megatron_bdlora.checkpoint.hf import convert_hf_to_megatron
 
 EMBEDDED = "smollm2-135m-instruct"
 _TOKENIZER_FILES = (
@@ -64,9 +66,9 @@ def random_base_config(base_config: dict, random_config: dict) -> dict:
 
 def _write_random_llama(tokenizer_dir: Path, random_config: dict, seed: int, out: Path) -> None:
     """A seeded random LlamaForCausalLM with the base's tokenizer (and vocabulary size)."""
+    # lazy: transformers' Llama classes take seconds to import and only a random base needs them (serve and the
+    # training dry run import this module on their way to a quick answer)
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_bdlora.atomic import atomic_directory
 
     cfg = random_base_config(json.loads((tokenizer_dir / "config.json").read_text()), random_config)
     torch.manual_seed(seed)
@@ -80,8 +82,6 @@ def _write_random_llama(tokenizer_dir: Path, random_config: dict, seed: int, out
 
 def ensure_megatron_base(hf_dir: Path, tp: int) -> Path:
     """The megatron conversion of an HF directory at this TP, from the cache or converted now (locked)."""
-    from megatron_bdlora.checkpoint.hf import convert_hf_to_megatron
-
     out = cache_root() / "megatron" / f"{hf_dir.name}-{_fingerprint(hf_dir)}-tp{tp}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock"):

@@ -6,6 +6,8 @@ dropout in TP regions. On a CPU-only machine both are redirected to CPU; on GPUs
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _applied = False
@@ -49,8 +51,6 @@ class _CpuRNGStatesTracker:
         torch.set_rng_state(saved)
 
     def fork(self, name: str = "model-parallel-rng"):
-        import contextlib
-
         @contextlib.contextmanager
         def _fork():
             saved = torch.get_rng_state()
@@ -66,6 +66,7 @@ class _CpuRNGStatesTracker:
 
 def _init_cpu_rng_tracker(seed: int) -> None:
     """Install a CPU tracker seeded like megatron's (data-parallel state + per-TP-rank model-parallel state)."""
+    # lazy, as in parallel.py (which imports this module): megatron-core takes seconds to import
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mpu_random
 

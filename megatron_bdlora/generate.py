@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import AutoTokenizer
 
+from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
 from megatron_bdlora.checkpoint.reader import read_adapter
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.model import forward_logits, load_adapter_state_dict
+from megatron_bdlora.model import build_model, forward_logits, load_adapter_state_dict, load_base_state_dict
+from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
 
 @torch.no_grad()
@@ -59,9 +62,6 @@ def load_model_for_generation(
     megatron_dir: Path, tp: int, tp_rank: int, adapter_dir: Path | None, dtype: str, plain_lora_mode: str = "replicated"
 ) -> torch.nn.Module:
     """Base model from a megatron checkpoint, with an adapter (native or PEFT directory) when given."""
-    from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
-    from megatron_bdlora.model import build_model, load_base_state_dict
-
     hf_config = json.loads((megatron_dir / "config.json").read_text())
     settings, load = None, None
     if adapter_dir is not None:
@@ -76,15 +76,19 @@ def load_model_for_generation(
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--megatron-dir", type=Path, required=True, help="megatron base checkpoint (tools/convert_hf_to_megatron.py)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--megatron-dir", type=Path, required=True,
+                   help="megatron base checkpoint (tools/convert_hf_to_megatron.py)")
     p.add_argument("--adapter", type=Path, help="native adapter directory or PEFT adapter directory")
     p.add_argument("--adapter-mode", default="replicated", choices=["replicated", "slora"],
                    help="sharding of a plain (non-BD) PEFT LoRA adapter; BD adapters always run block-diagonal")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the tokenizer's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn with the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (stops early at EOS)")
-    p.add_argument("--greedy", action="store_true", default=True, help="greedy decoding (the only mode; kept for clarity)")
+    p.add_argument("--greedy", action="store_true", default=True,
+                   help="greedy decoding (the only mode; kept for clarity)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt (prompt, token_ids, text)")
     return p.parse_args(argv)
@@ -92,27 +96,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    if not (args.megatron_dir / "config.json").is_file():  # before the heavy imports: a typo fails in a second
+    if not (args.megatron_dir / "config.json").is_file():  # before any process group or weights: a typo fails fast
         print(f"error: {args.megatron_dir} is not a megatron checkpoint (no config.json)", file=sys.stderr)
         return 2
-    from megatron_bdlora.parallel import silence_expected_warnings
-
-    silence_expected_warnings()
-    from transformers import AutoTokenizer
-
-    from megatron_bdlora.parallel import destroy_parallel, init_parallel
-
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         info = init_parallel(tp_size=tp)
         tok = AutoTokenizer.from_pretrained(args.megatron_dir)
-        model = load_model_for_generation(args.megatron_dir, tp, info.tp_rank, args.adapter, args.dtype, args.adapter_mode)
+        model = load_model_for_generation(
+            args.megatron_dir, tp, info.tp_rank, args.adapter, args.dtype, args.adapter_mode
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.chat:
         prompts = [
-            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False)
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
             for p in args.prompt
         ]
     else:

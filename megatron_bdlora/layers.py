@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
@@ -227,8 +228,6 @@ class LoRAParallelLinear:
     kind: LayerKind
 
     def _init_lora(self, spec: LoRALayerSpec, d_in: int) -> None:
-        from megatron.core.utils import get_pg_rank, get_pg_size
-
         if self.config.sequence_parallel and self.kind is LayerKind.COLUMN:
             raise ValueError(
                 "LoRA column layers need sequence_parallel=False (the LoRA input must be the full sequence)"
@@ -334,7 +333,7 @@ class LoRAParallelLinear:
         for (name, ad), z in zip(self.lora.items(), zs):
             ad.expand_slots(z, batch, out, self.lora_layouts[name])
 
-    def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 (megatron's signature)
+    def _forward_impl(self, input, weight, *args, **kwargs):  # `input`: megatron's signature
         base = super()._forward_impl(input, weight, *args, **kwargs)
         if self.lora_merged or not self.lora_enabled:
             return base

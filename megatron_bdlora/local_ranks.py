@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.multiprocessing as mp
 
+from megatron_bdlora.parallel import destroy_parallel, init_parallel
+
 
 def free_port() -> int:
     """A TCP port nobody listens on now (for MASTER_PORT)."""
@@ -57,8 +59,6 @@ def _entry(rank: int, world: int, port: int, tp: int, job: bytes, queue, env: Ma
         env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    from megatron_bdlora.parallel import destroy_parallel, init_parallel
-
     try:
         fn, args = _unpack(job)
         info = init_parallel(tp_size=tp, seed=1234)

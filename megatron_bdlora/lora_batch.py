@@ -9,6 +9,7 @@ and torch only: both `ops` and `kernels` import it, it imports neither.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,7 +161,7 @@ class SlotBatch:
     @staticmethod
     def buffers(max_tokens: int, num_slots: int, device: torch.device | str) -> "SlotBatch":
         """Empty fixed-size buffers for `from_slot_ids(..., buffers=)`."""
-        z = lambda k: torch.zeros(k, dtype=torch.int32, device=device)  # noqa: E731
+        z = functools.partial(torch.zeros, dtype=torch.int32, device=device)
         return SlotBatch(0, z(max_tokens), z(num_slots), z(num_slots), z(num_slots), z(1))
 
     @property

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from megatron_bdlora.inference.serving_loop import ServingConfig
 from megatron_bdlora.inference.requests import GenerationParams
+from megatron_bdlora.inference.serving_config import ServingConfig
+from megatron_bdlora.inference.serving_loop import ServingLoop
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,6 @@ def generate_mixed_batch(
 ) -> tuple[list[Completion], int]:
     """Every rank: serve (prompt ids, adapter or None) requests together; rank 0 gets (completions in request
     order, the most requests that one engine step held), the other ranks ([], that count)."""
-    from tqdm import tqdm
-
-    from megatron_bdlora.inference.serving_loop import ServingLoop
-
     loop = ServingLoop.create(config, info)
     lead = info.rank == 0
     queues = [loop.submit(list(prompt), adapter, params)[1] for prompt, adapter in requests] if lead else []
@@ -48,7 +46,8 @@ def generate_mixed_batch(
     texts = [""] * len(requests)
     finish: list[str | None] = [None] * len(requests)
     widest = 0
-    with tqdm(total=len(requests) * params.max_tokens, desc="serving", unit="tok", disable=not (progress and lead)) as bar:
+    with tqdm(total=len(requests) * params.max_tokens, desc="serving", unit="tok",
+              disable=not (progress and lead)) as bar:
         while True:
             loop.step()
             widest = max(widest, loop.engine.context.total_request_count)

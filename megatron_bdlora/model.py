@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -131,8 +132,6 @@ def build_model(
     """
     config = transformer_config(hf_config, tp, dtype, cuda_graphs)
     if cuda_graphs:  # each layer's graph manager, made with the layer, asserts megatron's graph-safe RNG tracker
-        from megatron.core import tensor_parallel
-
         # the seed only feeds dropout, which is off in these models
         tensor_parallel.model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True, force_reset_rng=True)
     model = GPTModel(

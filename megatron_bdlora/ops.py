@@ -84,7 +84,8 @@ def lora_shrink(
     """
     views = views if isinstance(views, SlotViews) else SlotViews(views)
     if _triton_for(x):
-        from megatron_bdlora import kernels  # Triton is imported on the first kernel launch only, never on CPU paths
+        # lazy: Triton loads on the first kernel launch only (never on CPU paths), after callers chose TRITON_INTERPRET
+        from megatron_bdlora import kernels
 
         return kernels.shrink(x, weight, views, batch, graph=graph)
     return _grouped_matmul(batch.gather(x), weight, views, batch, None, lambda v, xs: xs[:, : v.in_width])

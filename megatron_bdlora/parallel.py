@@ -25,24 +25,6 @@ class ParallelInfo:
     device: torch.device
 
 
-# megatron-core / DeepSpeed warnings that are expected in our setup and carry nothing actionable for a user
-_EXPECTED_WARNINGS = (
-    "Transformer Engine and Apex are not installed",
-    "When using async grad allreduce it is recommended",
-    "Apex is not installed. Falling back to Torch Norm",
-    "full scope is deprecated. Use empty cuda_graph_scope",
-    r"`torch\.distributed\.\w+` is deprecated",
-)
-
-
-def silence_expected_warnings() -> None:
-    """Hide the warnings listed above (process-wide), so real ones stand out in run logs."""
-    import warnings
-
-    for pattern in _EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if name in os.environ:
@@ -52,7 +34,8 @@ def _env_int(*names: str, default: int) -> int:
 
 def init_parallel(tp_size: int, seed: int = 1234, backend: str | None = None) -> ParallelInfo:
     """Join the default process group (torchrun or srun variables) and build megatron's TP x DP groups."""
-    silence_expected_warnings()
+    # lazy (here and in destroy_parallel): megatron-core takes seconds to import, and serve.py and the benchmark tools
+    # import this module before they parse their flags
     from megatron.core import parallel_state, tensor_parallel
 
     rank = _env_int("RANK", "SLURM_PROCID", default=0)

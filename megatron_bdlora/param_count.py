@@ -133,7 +133,8 @@ def match_bd_rank(hf_config: Any, targets: Sequence[str], nblocks: int, lora_ran
 
 
 def comparison_rows(hf_config: Any, targets: Sequence[str], nblocks: int, lora_rank: int) -> list[CountRow]:
-    """LoRA at rank r, then BD at r, 2r, 4r (those divisible by nblocks) and at the matched rank, with ratios to LoRA."""
+    """LoRA at rank r, then BD at r, 2r, 4r (those divisible by nblocks) and at the matched rank, with ratios to
+    LoRA."""
     lora = count_parameters(hf_config, targets, Mode.REPLICATED, lora_rank)
     rows = [CountRow("LoRA r", Mode.REPLICATED.value, lora_rank, lora, 1.0)]
     bd_ranks = [("BD r", lora_rank), ("BD 2r", 2 * lora_rank), ("BD 4r", 4 * lora_rank)]

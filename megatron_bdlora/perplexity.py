@@ -14,8 +14,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
+from tqdm import tqdm
+from transformers import AutoTokenizer
 
+from megatron_bdlora.generate import load_model_for_generation
 from megatron_bdlora.training.config import TrainConfig
+from megatron_bdlora.training.data import load_examples
+from megatron_bdlora.training.loop import Trainer
 
 BASE = "base"  # the row of the model without an adapter
 
@@ -29,7 +35,8 @@ class PerplexitySpec:
     megatron_dir: Path
     adapters: dict[str, str]  # row name -> adapter directory (native or PEFT); the base row is always added
     corpora: dict[str, str]  # column name -> held-out `text` file
-    cfg: TrainConfig = field(default_factory=TrainConfig)  # data.seq_length, parallel.micro_batch_size, logging.eval_batches, model.dtype
+    # data.seq_length, parallel.micro_batch_size, logging.eval_batches, model.dtype
+    cfg: TrainConfig = field(default_factory=TrainConfig)
 
 
 class _EvalView:
@@ -40,38 +47,28 @@ class _EvalView:
     """
 
     def __init__(self, model: torch.nn.Module, data: Any, cfg: TrainConfig, info: Any) -> None:
-        from megatron.core import parallel_state
-
-        from megatron_bdlora.training.loop import Trainer
-
         self.engine, self.cfg, self.info = model, cfg, info
         self.run_info = SimpleNamespace(valid_data=data, dp=info.dp_size)
         self.dp_group = parallel_state.get_data_parallel_group()
         self._dp_sum = Trainer._dp_sum.__get__(self)  # sums over the data-parallel group, as in training
 
     def perplexity(self) -> float:
-        from megatron_bdlora.training.loop import Trainer
-
         return Trainer.evaluate(self)["valid_ppl"]
 
 
 def perplexity_worker(info: Any, spec: PerplexitySpec, progress: bool = True) -> Table:
     """Every rank: the table of held-out perplexities (rows: base, then spec.adapters; columns: spec.corpora)."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    from megatron_bdlora.generate import load_model_for_generation
-    from megatron_bdlora.training.data import load_examples
-
     cfg = spec.cfg
     tokenizer = AutoTokenizer.from_pretrained(spec.megatron_dir)
     data = {name: load_examples(path, "text", tokenizer, cfg.data.seq_length) for name, path in spec.corpora.items()}
     rows: dict[str, str | None] = {BASE: None, **spec.adapters}
     table: Table = {}
-    with tqdm(total=len(rows) * len(data), desc="perplexity", unit="cell", disable=not progress or info.rank != 0) as bar:
+    with tqdm(total=len(rows) * len(data), desc="perplexity", unit="cell",
+              disable=not progress or info.rank != 0) as bar:
         for row, adapter in rows.items():
             model = load_model_for_generation(
-                Path(spec.megatron_dir), info.tp_size, info.tp_rank, None if adapter is None else Path(adapter), cfg.model.dtype
+                Path(spec.megatron_dir), info.tp_size, info.tp_rank, None if adapter is None else Path(adapter),
+                cfg.model.dtype,
             )
             table[row] = {}
             for column, examples in data.items():
@@ -102,10 +99,16 @@ def format_table(table: Table) -> str:
     """Fixed-width table (rows: models, columns: corpora), the best value of each column starred."""
     columns = list(next(iter(table.values())))
     best = {c: min(table[r][c] for r in table) for c in columns}
-    cell = lambda r, c: f"{table[r][c]:.2f}" + ("*" if table[r][c] == best[c] else " ")  # noqa: E731
+
+    def cell(r: str, c: str) -> str:
+        return f"{table[r][c]:.2f}" + ("*" if table[r][c] == best[c] else " ")
+
     head = ["model \\ valid ppl", *columns]
     body = [[row, *(cell(row, c) for c in columns)] for row in table]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    fmt = lambda line: "  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths)))  # noqa: E731
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths)))
+
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(line) for line in body)])
 

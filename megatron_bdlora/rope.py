@@ -43,5 +43,9 @@ def llama3_rope_scaling(hf_config: dict) -> Llama3RopeScaling | None:
         raise ValueError(f"llama3 rope_scaling {rs} lacks {missing}")
     original = rs.get("original_max_position_embeddings") or hf_config.get("max_position_embeddings")
     if original is None:
-        raise ValueError(f"llama3 rope_scaling {rs} lacks original_max_position_embeddings (and the config max_position_embeddings)")
-    return Llama3RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]), int(original))
+        raise ValueError(
+            f"llama3 rope_scaling {rs} lacks original_max_position_embeddings (and the config max_position_embeddings)"
+        )
+    return Llama3RopeScaling(
+        float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]), int(original)
+    )

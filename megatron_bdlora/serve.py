@@ -31,8 +31,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 import uvicorn
 import yaml
 
+from megatron_bdlora import parallel
+from megatron_bdlora.base_models import EMBEDDED, ensure_megatron_base, resolve_hf_base
+from megatron_bdlora.checkpoint.base_model import BaseModelError
 from megatron_bdlora.config_file import ConfigError, build_section
-from megatron_bdlora.inference.serving_loop import ServingConfig
+from megatron_bdlora.inference.routes import build_app
+from megatron_bdlora.inference.serving_config import ServingConfig
+from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.sharding import Mode
 
 if TYPE_CHECKING:
@@ -236,8 +241,6 @@ def locate_base(opts: ServeOptions, where: dict[str, str], world_size: int) -> t
     if not path.is_dir():
         raise ConfigError(f"{flag}: {path} does not exist or is not a directory")
     if (path / "meta.json").is_file():
-        from megatron_bdlora.jsonfiles import read_json_object
-
         meta = read_json_object(path / "meta.json", ConfigError)
         if meta.get("tp") != world_size:
             raise ConfigError(f"{flag}: {path} is sharded for tp={meta.get('tp')}, but {world_size} rank(s) were "
@@ -254,8 +257,6 @@ def locate_base(opts: ServeOptions, where: dict[str, str], world_size: int) -> t
 
 def prepare_base(kind: str, path: Path | None, world_size: int) -> tuple[Path, str, str]:
     """(megatron checkpoint for this TP, default model id, path shown as the base's `root`); converts once, cached."""
-    from megatron_bdlora.base_models import EMBEDDED, ensure_megatron_base, resolve_hf_base
-
     if kind == "embedded":
         hf_dir = resolve_hf_base(EMBEDDED)
         return ensure_megatron_base(hf_dir, world_size), EMBEDDED, str(hf_dir)
@@ -313,8 +314,6 @@ def _watch_engine(loop: "ServingLoop", stopping: threading.Event, interval_s: fl
 
 def serve_http(loop: "ServingLoop", sock: socket.socket, opts: ServeOptions, served_name: str, base_root: str) -> int:
     """Rank 0: HTTP until SIGTERM/SIGINT, then drain the engine (which also stops the other ranks)."""
-    from megatron_bdlora.inference.routes import build_app
-
     app = build_app(loop, served_model_name=served_name, base_root=base_root, adapter_paths=opts.adapters)
     server = HTTPServer(app, sock, opts.host, opts.drain_timeout)
     drain = True
@@ -348,7 +347,7 @@ def follow(loop: "ServingLoop", rank: int) -> int:
         signal.signal(sig, on_signal)
     try:
         loop.run_follower()
-    except Exception:  # noqa: BLE001 - a failed collective: nothing to clean up that would not hang
+    except Exception:  # a failed collective: nothing to clean up that would not hang
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
@@ -360,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     # the variables init_parallel reads (torchrun's, else srun's): needed before any process group exists
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    from megatron_bdlora.checkpoint.base_model import BaseModelError
-
     try:
         opts, where = load_options(argv)
         check_options(opts, where, world_size)
@@ -371,13 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, BaseModelError) as err:
         print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)  # one line
         return 2
-    from megatron_bdlora.parallel import silence_expected_warnings
-
-    silence_expected_warnings()
+    # lazy: the engine's imports (megatron-core) take seconds; they load once the flags and files are checked
     from megatron_bdlora.inference.serving_loop import ServingLoop
-    from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
-    info = init_parallel(tp_size=world_size)
+    info = parallel.init_parallel(tp_size=world_size)
     engine = {key: getattr(opts, key) for key in ENGINE_KEYS if getattr(opts, key) is not None}
     if "cuda_graphs" in engine:
         engine["cuda_graphs"] = engine["cuda_graphs"] == "on"
@@ -392,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         code = serve_http(loop, sock, opts, opts.served_model_name or default_name, base_root)
     else:
         code = follow(loop, info.rank)
-    destroy_parallel()
+    parallel.destroy_parallel()
     return code
 
 

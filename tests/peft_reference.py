@@ -55,7 +55,9 @@ LLAMA3_ROPE_SEQ = 96
 ATTENTION_GAIN = 8.0  # q/k weights scaled up: sharp attention, so positions (and their RoPE) move the logits
 
 
-def make_random_llama(root, tps: tuple[int, ...], config: dict = RANDOM_LLAMA, seq_len: int = 12, attention_gain: float = 1.0):
+def make_random_llama(
+    root, tps: tuple[int, ...], config: dict = RANDOM_LLAMA, seq_len: int = 12, attention_gain: float = 1.0
+):
     """A seeded random GQA Llama saved as HF at root/hf, converted to megatron at root/meg_tp{N}; plus a batch.
 
     attention_gain multiplies the q and k projections. Returns (hf_model, input_ids [2, seq_len], attention_mask

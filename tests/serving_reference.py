@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+from peft_reference import random_factors
 
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
-from peft_reference import random_factors
 
 SERVE_LLAMA = dict(  # 4 KV heads: TP 1, 2 and 4; SmolLM2's tokenizer and vocabulary
     hidden_size=64,
@@ -35,7 +35,9 @@ def adapter_settings(tp: int) -> dict[str, LoRASettings]:
     """BD adapters with different ranks (multiples of their nblocks), targets, rsLoRA, and one with nblocks = 2 * TP."""
     return {
         "a0": LoRASettings(rank=4 * tp, alpha=16, nblocks=tp),
-        "a1": LoRASettings(rank=2 * tp, alpha=8, use_rslora=True, nblocks=tp, targets=("q_proj", "v_proj", "o_proj", "down_proj")),
+        "a1": LoRASettings(
+            rank=2 * tp, alpha=8, use_rslora=True, nblocks=tp, targets=("q_proj", "v_proj", "o_proj", "down_proj")
+        ),
         "a2": LoRASettings(rank=4 * tp, alpha=8, nblocks=2 * tp),
         "a3": LoRASettings(rank=8 * tp, alpha=32, nblocks=tp, targets=("k_proj", "gate_proj", "up_proj")),
         "a4": LoRASettings(rank=2 * tp, alpha=4, nblocks=tp, targets=ALL_TARGETS),
@@ -57,7 +59,12 @@ def write_adapters(root: Path, meg_dir: Path, tp: int, names: list[str], scale: 
 
 @torch.no_grad()
 def merged_references(
-    meg_dir: Path, tp: int, tp_rank: int, adapters: dict[str, str], mode: str, requests: list[tuple[list[int], str | None, int]]
+    meg_dir: Path,
+    tp: int,
+    tp_rank: int,
+    adapters: dict[str, str],
+    mode: str,
+    requests: list[tuple[list[int], str | None, int]],
 ) -> list[tuple[list[int], list[torch.Tensor]]]:
     """Per request (prompt, adapter or None, steps), alone: greedy tokens and last-token logits per step with the
     adapter merged into the base weights and the whole sequence recomputed (no KV cache) every step."""

@@ -7,16 +7,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.multi_rank
+@pytest.mark.slow
 def test_generate_cli_prints_one_json_object_per_prompt():
     from megatron_bdlora.base_models import ensure_megatron_base, resolve_hf_base
 
     meg = ensure_megatron_base(resolve_hf_base("smollm2-135m-instruct"), 1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "megatron_bdlora.generate",
-           "--megatron-dir", str(meg), "--prompt", "What is the capital of France?", "--prompt", "Name a primary color.",
-           "--chat", "--max-new-tokens", "8", "--greedy", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "megatron_bdlora.generate",
+        "--megatron-dir",
+        str(meg),
+        "--prompt",
+        "What is the capital of France?",
+        "--prompt",
+        "Name a primary color.",
+        "--chat",
+        "--max-new-tokens",
+        "8",
+        "--greedy",
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

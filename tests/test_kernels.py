@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
+from ops_reference import check, poisoned_stack, reference_expand, reference_shrink
 
 from megatron_bdlora.lora_batch import FactorView, OutputLayout, SlotBatch, SlotViews
-from test_ops import _check, _reference_expand, _reference_shrink, _stack
 
 ON_GPU = torch.cuda.is_available()
 
@@ -30,7 +30,7 @@ def _case(dtype, device, seed=0):
     slot_ids = [0] * 19 + [2, -1, 1, 1] + [0] * 3 + [1] * 17  # slot 3 idle
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(slot_ids), 48, generator=g).to(dtype)
-    a, b = _stack(views_a, (32, 48), dtype, seed + 1), _stack(views_b, (40, 32), dtype, seed + 2)
+    a, b = poisoned_stack(views_a, (32, 48), dtype, seed + 1), poisoned_stack(views_b, (40, 32), dtype, seed + 2)
     scalings = torch.tensor([0.5, 2.0, 1.25, 4.0])
     batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids, device=device), 4)
     return views_a, views_b, slot_ids, x.to(device), a.to(device), b.to(device), scalings.to(device), batch
@@ -45,13 +45,13 @@ def test_split_k_and_small_tiles_match_float64(kernels, split_k, fixed_grid):
     views_a, views_b, slot_ids, x, a, b, scalings, batch = _case(torch.float32, device)
     tiles = dict(block_m=16, block_n=16, block_k=16, fixed_grid=fixed_grid)
     z = kernels.shrink(x, a, views_a, batch, split_k=split_k, **tiles)
-    _check(z.cpu(), _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), torch.float32, f"shrink split_k={split_k}")
+    check(z.cpu(), reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), torch.float32, f"shrink split_k={split_k}")
     poison = torch.randn(len(slot_ids), 40, generator=torch.Generator().manual_seed(9)).to(device)
     out = poison.clone()
     layout = OutputLayout.contiguous(40)
     kernels.expand(z, b, views_b, scalings, batch, out, layout, **tiles)
-    want = _reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout)
-    _check(out.cpu(), want, torch.float32, "expand")
+    want = reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout)
+    check(out.cpu(), want, torch.float32, "expand")
     assert torch.equal(out[20], poison[20])  # the token without an adapter
 
 
@@ -71,21 +71,21 @@ def test_graph_launch_serves_adapters_loaded_after_its_sizing(kernels):
     table_a.copy_(views_a.table(device))  # the loads, in place
     table_b.copy_(views_b.table(device))
     z = kernels.shrink(x, a, empty, batch, graph=graph_a)  # today's views are not read: the table is
-    _check(z.cpu(), _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), torch.float32, "graph shrink")
+    check(z.cpu(), reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), torch.float32, "graph shrink")
     poison = torch.randn(len(slot_ids), 40, generator=torch.Generator().manual_seed(3)).to(device)
     out = poison.clone()
     layout = OutputLayout.contiguous(40)
     kernels.expand(z, b, empty, scalings, batch, out, layout, graph=graph_b)
-    want = _reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout)
-    _check(out.cpu(), want, torch.float32, "graph expand")
+    want = reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout)
+    check(out.cpu(), want, torch.float32, "graph expand")
     assert torch.equal(out[20], poison[20])  # the token without an adapter
 
 
 def test_layer_tables_follow_loads_in_place():
     """What a captured graph reads: a LoRA layer's slot tables keep their address across loads and clears and
     always equal its views; an adapter with more blocks than the graphs were sized for is refused, slot untouched."""
-    from megatron_bdlora.layers import LoRAAdapter
     from megatron_bdlora.config import LoRASettings
+    from megatron_bdlora.layers import LoRAAdapter
     from megatron_bdlora.sharding import ShardingPlan
 
     cap = ShardingPlan.build("column", "block_diagonal", 32, 48, 16, 1, 1)
@@ -96,7 +96,9 @@ def test_layer_tables_follow_loads_in_place():
     adapter.load_slot(1, a, b, plan, 2.0)
     adapter.clear_slot(2)
     assert adapter.b_table.data_ptr() == address
-    assert torch.equal(adapter.a_table, adapter.a_views.table()) and torch.equal(adapter.b_table, adapter.b_views.table())
+    assert torch.equal(adapter.a_table, adapter.a_views.table()) and torch.equal(
+        adapter.b_table, adapter.b_views.table()
+    )
     assert adapter.b_table[1].tolist() == [48, 4, 2] and adapter.b_table[2, 0] == 0
     adapter.enable_graph_launch(max_blocks=1)
     before = adapter.lora_B[0].clone()
@@ -111,11 +113,13 @@ def test_bf16_on_gpu_matches_float64(kernels):
     z = kernels.shrink(x, a, views_a, batch, split_k=1)
     # bf16 keeps 8 bits of mantissa: unit roundoff 2**-8 ~ 3.9e-3 per stored z / out element
     tol = 8e-3
-    want_z = _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids)
+    want_z = reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids)
     assert (z.cpu().double() - want_z).abs().max() <= tol * want_z.abs().max()
     out = torch.zeros(len(slot_ids), 40, dtype=torch.bfloat16, device="cuda")
     kernels.expand(z, b, views_b, scalings, batch, out, OutputLayout.contiguous(40))
-    want = _reference_expand(torch.zeros(len(slot_ids), 40), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, OutputLayout.contiguous(40))
+    want = reference_expand(
+        torch.zeros(len(slot_ids), 40), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, OutputLayout.contiguous(40)
+    )
     assert (out.cpu().double() - want).abs().max() <= tol * want.abs().max()
 
 

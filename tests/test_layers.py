@@ -7,9 +7,12 @@ import torch
 
 from megatron_bdlora.local_ranks import run_distributed
 
+pytestmark = pytest.mark.multi_rank
+
 MODES = ("block_diagonal", "slora", "replicated")
 KINDS = ("column", "row")
-# (d_in, d_out, rank, nblocks-or-None, seed): non-square layers, rank == nblocks (one row per block), several blocks per rank
+# (d_in, d_out, rank, nblocks-or-None, seed): non-square layers, rank == nblocks (one row per block), several blocks
+# per rank
 SHAPES = [
     (16, 24, 4, None, 0),
     (24, 8, 8, None, 1),
@@ -95,7 +98,9 @@ def forward_backward_worker(info, cases):
         y, _ = layer(x)
         y.backward(dy)
         ad = layer.lora["q_proj"]
-        out.append(dict(y=y.detach(), dx=x.grad, da=ad.lora_A.grad[0], db=ad.lora_B.grad[0], base_grad=layer.weight.grad))
+        out.append(
+            dict(y=y.detach(), dx=x.grad, da=ad.lora_A.grad[0], db=ad.lora_B.grad[0], base_grad=layer.weight.grad)
+        )
     return out
 
 
@@ -215,7 +220,11 @@ def test_collectives_added_by_each_mode(layer_runs, tp):
             assert rep_f == base_f, f"{kind}: replicated forward adds nothing: {rep_f}"
             assert rep_b == _plus(base_b, "all_reduce"), f"{kind}: replicated grad all-reduce: {rep_b}"
             sl_f, sl_b = res[(kind, "slora")]
-            fwd_op, bwd_op = ("all_gather_into_tensor", "reduce_scatter_tensor") if kind == "column" else ("all_reduce", "all_reduce")
+            fwd_op, bwd_op = (
+                ("all_gather_into_tensor", "reduce_scatter_tensor")
+                if kind == "column"
+                else ("all_reduce", "all_reduce")
+            )
             assert sl_f == _plus(base_f, fwd_op), f"{kind}: slora forward: {sl_f}"
             assert sl_b == _plus(base_b, bwd_op), f"{kind}: slora backward: {sl_b}"
 
@@ -260,8 +269,9 @@ def _gather_last(t):
 
 
 def _gather_weight(layer, kind):
-    from megatron_bdlora.collectives import all_gather_dim0
     from megatron.core import parallel_state
+
+    from megatron_bdlora.collectives import all_gather_dim0
 
     w = layer.weight.detach()
     group = parallel_state.get_tensor_model_parallel_group()
@@ -316,7 +326,14 @@ def merge_worker(info, cases):
             y1, _ = layer(x)
             layer.unmerge_lora()
             y2, _ = layer(x)
-        out.append(dict(moved=moved, merged_err=_rel(y1, y0.double()), restore=(layer.weight - w0).abs().max().item(), unmerged_err=_rel(y2, y0.double())))
+        out.append(
+            dict(
+                moved=moved,
+                merged_err=_rel(y1, y0.double()),
+                restore=(layer.weight - w0).abs().max().item(),
+                unmerged_err=_rel(y2, y0.double()),
+            )
+        )
     return out
 
 
@@ -366,6 +383,9 @@ def test_per_token_adapter_slots_match_each_adapter_alone():
             t = per_slot[max(slot, 0)]
             want = x[tok] @ per_slot[0]["w"].T
             if slot >= 0:
-                want = want + 1.5 * (x[tok] @ _dense_block_diag(t["a"], t["n_a"]).T) @ _dense_block_diag(t["b"], t["n_b"]).T
+                want = (
+                    want
+                    + 1.5 * (x[tok] @ _dense_block_diag(t["a"], t["n_a"]).T) @ _dense_block_diag(t["b"], t["n_b"]).T
+                )
             got = y.reshape(6, 24)[tok]
             assert _rel(got, want) <= 1e-5, f"{kind}/{mode}: token {tok} (slot {slot}) rel err {_rel(got, want)}"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 from megatron_bdlora.local_ranks import run_distributed
+
+pytestmark = pytest.mark.multi_rank
 
 
 def state_worker(info) -> dict:

@@ -9,9 +9,6 @@ import json
 
 import pytest
 import torch
-
-from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.local_ranks import run_distributed
 from peft_reference import (
     ATTENTION_GAIN,
     LLAMA3_ROPE_LLAMA,
@@ -21,6 +18,11 @@ from peft_reference import (
     peft_model,
     random_factors,
 )
+
+from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.local_ranks import run_distributed
+
+pytestmark = pytest.mark.multi_rank
 
 TOL = 1e-3  # max abs logit difference vs transformers (float32, different op order)
 ROPE_TPS = (1, 2)  # the RoPE-scaled config has 2 KV heads
@@ -47,7 +49,9 @@ def _settings(mode: str) -> list[LoRASettings]:
     nblocks = 4 if mode == "block_diagonal" else None
     return [
         LoRASettings(rank=8, alpha=16, mode=mode, nblocks=nblocks),
-        LoRASettings(rank=4, alpha=8, use_rslora=True, mode=mode, nblocks=nblocks, targets=("k_proj", "up_proj", "o_proj")),
+        LoRASettings(
+            rank=4, alpha=8, use_rslora=True, mode=mode, nblocks=nblocks, targets=("k_proj", "up_proj", "o_proj")
+        ),
     ]
 
 
@@ -135,7 +139,13 @@ def _bf16_and_fp32(info, meg_dir, settings, factors, ids, mask) -> dict[str, dic
     """dtype -> logits (eval, with the padding mask) and LoRA gradients of the trainer's mean token loss, both from
     the same float32 weights and adapter, the model built in that dtype."""
     from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
-    from megatron_bdlora.model import adapter_state_dict, build_model, forward_logits, load_base_state_dict, load_full_adapter
+    from megatron_bdlora.model import (
+        adapter_state_dict,
+        build_model,
+        forward_logits,
+        load_base_state_dict,
+        load_full_adapter,
+    )
     from megatron_bdlora.training.loop import token_losses
 
     hf_config = json.loads((meg_dir / "config.json").read_text())
@@ -177,7 +187,11 @@ def runs_at(random_llama, rope_llama):
                 logit_jobs.append((rope_root / f"meg_tp{tp}", rope_adapter, rope_ids, rope_mask, False))
                 logit_jobs.append((rope_root / f"meg_tp{tp}", [], rope_ids, rope_mask, True))
             training_jobs = [(root / f"meg_tp{tp}", s, ids) for s in COUNTED] if tp > 1 else []
-            bf16_jobs = [(root / f"meg_tp{tp}", BF16_ADAPTER, random_factors(RANDOM_LLAMA, BF16_ADAPTER, seed=9), ids, mask)] if tp == 2 else []
+            bf16_jobs = (
+                [(root / f"meg_tp{tp}", BF16_ADAPTER, random_factors(RANDOM_LLAMA, BF16_ADAPTER, seed=9), ids, mask)]
+                if tp == 2
+                else []
+            )
             cache[tp] = run_distributed(model_worker, tp, logit_jobs, training_jobs, bf16_jobs)
         return cache[tp]
 
@@ -185,7 +199,8 @@ def runs_at(random_llama, rope_llama):
 
 
 def _check_against_transformers(hf_model, ids, mask, adapters, rank_out) -> torch.Tensor:
-    """Base and adapted logits within TOL of transformers / PEFT, each adapter moving them; returns the base reference."""
+    """Base and adapted logits within TOL of transformers / PEFT, each adapter moving them; returns the base
+    reference."""
     keep = mask.bool()
     with torch.no_grad():
         want_base = hf_model(input_ids=ids, attention_mask=mask).logits
@@ -238,7 +253,8 @@ def test_training_micro_batch_collectives_are_what_the_dry_run_counts(runs_at, t
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_parameters_per_rank_are_what_the_dry_run_reports(runs_at, tp):
-    """Adapter and base parameters of a built model's rank equal the dry run's per-rank counts (vocab padding at TP 4)."""
+    """Adapter and base parameters of a built model's rank equal the dry run's per-rank counts (vocab padding at
+    TP 4)."""
     from megatron_bdlora.training.dry_run import base_parameters_per_rank, sharding_plan
 
     layers = RANDOM_LLAMA["num_hidden_layers"]
@@ -263,7 +279,11 @@ def test_activation_memory_is_what_the_dry_run_estimates(random_llama, runs_at, 
     for rank_out in runs_at(tp):
         for settings, facts in zip(COUNTED, rank_out["training"], strict=True):
             estimate = activation_bytes(shape, sharding_plan(RANDOM_LLAMA, settings, tp), layout)
-            assert 0.99 * facts["saved_bytes"] <= estimate <= facts["saved_bytes"], (settings, estimate, facts["saved_bytes"])
+            assert 0.99 * facts["saved_bytes"] <= estimate <= facts["saved_bytes"], (
+                settings,
+                estimate,
+                facts["saved_bytes"],
+            )
 
 
 def trainable_worker(info, meg_dir):

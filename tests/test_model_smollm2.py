@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft_reference import peft_model, random_factors
 
 from megatron_bdlora.config import LoRASettings
 from megatron_bdlora.local_ranks import run_distributed
-from peft_reference import peft_model, random_factors
+
+pytestmark = [pytest.mark.multi_rank, pytest.mark.slow]
 
 PROMPTS = [
     "What is the capital of France?",
@@ -37,7 +39,12 @@ def smollm2():
     hf_dir = resolve_hf_base("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False) for p in PROMPTS]
+    chats = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for p in PROMPTS
+    ]
     megatron_dirs = {tp: ensure_megatron_base(hf_dir, tp) for tp in (3,)}
     return hf_dir, tok, model, [list(c) for c in chats], megatron_dirs
 
@@ -99,7 +106,9 @@ def test_smollm2_logits_generation_and_adapters_match_transformers(smollm2, tp, 
         # transformers' own greedy decoding (stops at EOS) and a 20-token argmax loop over its forward
         gen = GenerationConfig(do_sample=False, max_new_tokens=20, pad_token_id=tok.pad_token_id)
         hf_generate = [
-            hf_model.generate(torch.tensor([c]), attention_mask=torch.ones(1, len(c), dtype=torch.long), generation_config=gen)[0, len(c):].tolist()
+            hf_model.generate(
+                torch.tensor([c]), attention_mask=torch.ones(1, len(c), dtype=torch.long), generation_config=gen
+            )[0, len(c) :].tolist()
             for c in chats[:3]
         ]
         want_gen = []

@@ -9,15 +9,13 @@ import os
 
 import pytest
 import torch
+from ops_reference import check, poisoned_stack, reference_expand, reference_shrink, sorted_tokens
 
 from megatron_bdlora.lora_batch import FactorView, OutputLayout, SlotBatch
 from megatron_bdlora.ops import lora_expand, lora_shrink, use_backend
-from megatron_bdlora.sharding import ShardingPlan, packed_to_block_diagonal
+from megatron_bdlora.sharding import ShardingPlan
 
 TP, RANK, D_IN, D_OUT = 2, 16, 64, 48
-# tolerance on max |got - want| relative to max |want|: float32 accumulates <= 64 products (~1e-6);
-# float16 stores z and out with a unit roundoff of 2**-11 ~ 4.9e-4, so 1e-3 is two roundings' worth
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3}
 TOKENS = [  # per-token slots: uneven segments, slot 4 idle, -1 = base model only
     [0, 2, -1, 1, 1, 0, 3, 2, 2, 0, -1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 1],
     [3, 3, 3, -1, 0],
@@ -56,59 +54,6 @@ def _slot_views(kind: str, mode: str) -> list[tuple[FactorView, FactorView] | No
     ]
 
 
-def _stack(views: list[FactorView | None], shape: tuple[int, int], dtype, seed: int) -> torch.Tensor:
-    """A factor stack with each slot's view filled and everything else poisoned (NaN must never be read)."""
-    g = torch.Generator().manual_seed(seed)
-    stack = torch.full((len(views), *shape), float("nan"))
-    for s, v in enumerate(views):
-        if v is not None:
-            stack[s, : v.rows, : v.cols] = torch.randn(v.rows, v.cols, generator=g)
-    return stack.to(dtype)
-
-
-def _dense(stack: torch.Tensor, slot: int, v: FactorView) -> torch.Tensor:
-    return packed_to_block_diagonal(stack[slot, : v.rows, : v.cols].double(), v.blocks)  # [rows, in_width]
-
-
-def _sorted_tokens(slot_ids: list[int]) -> list[int]:
-    return sorted(range(len(slot_ids)), key=lambda t: slot_ids[t])  # stable: the slot order the ops promise
-
-
-def _reference_shrink(x, a, views, slot_ids) -> torch.Tensor:
-    """z [n, R] in slot order, float64: A_s x_t in the slot's rows, zero elsewhere."""
-    z = torch.zeros(len(slot_ids), a.shape[1], dtype=torch.float64)
-    for i, t in enumerate(_sorted_tokens(slot_ids)):
-        s = slot_ids[t]
-        if s >= 0 and views[s] is not None:
-            v = views[s]
-            z[i, : v.rows] = _dense(a, s, v) @ x[t, : v.in_width].double()
-    return z
-
-
-def _reference_expand(out, z, b, views, scalings, slot_ids, layout: OutputLayout, chunks: int = 1) -> torch.Tensor:
-    """out + scaling_s B_s z at the layout's columns, float64; rows of tokens without an adapter unchanged."""
-    want = out.double().clone()
-    piece = z.shape[1] // chunks
-    for i, t in enumerate(_sorted_tokens(slot_ids)):
-        s = slot_ids[t]
-        if s < 0 or views[s] is None:
-            continue
-        v = views[s]
-        per = v.in_width // chunks
-        u = torch.cat([z[i, c * piece : c * piece + per] for c in range(chunks)]).double()  # the slot's rank space
-        y = scalings[s].double() * (_dense(b, s, v) @ u)
-        cols = [(c // layout.group_width) * layout.group_stride + layout.offset + c % layout.group_width for c in range(v.rows)]
-        want[t, cols] += y
-    return want
-
-
-def _check(got: torch.Tensor, want: torch.Tensor, dtype, what: str) -> None:
-    err = (got.double() - want).abs().max().item()
-    scale = want.abs().max().item()
-    assert not torch.isnan(got).any(), f"{what}: NaN (a poisoned element was read)"
-    assert err <= TOLERANCE[dtype] * scale, f"{what}: max error {err:.3g} vs max {scale:.3g}"
-
-
 CASES = [("column", "block_diagonal"), ("row", "block_diagonal"), ("column", "slora"), ("row", "replicated")]
 
 
@@ -121,8 +66,8 @@ def test_shrink_and_expand_match_float64_per_token(backend, kind, mode, dtype, s
     views_a = [v and v[0] for v in slot_views]
     views_b = [v and v[1] for v in slot_views]
     cap_a, cap_b = slot_views[0]
-    a = _stack(views_a, (cap_a.rows, cap_a.cols), dtype, seed).to(dev)
-    b = _stack(views_b, (cap_b.rows, cap_b.cols), dtype, seed + 100).to(dev)
+    a = poisoned_stack(views_a, (cap_a.rows, cap_a.cols), dtype, seed).to(dev)
+    b = poisoned_stack(views_b, (cap_b.rows, cap_b.cols), dtype, seed + 100).to(dev)
     scalings = torch.tensor([0.5, 2.0, 1.0, 0.25, 9.0, 3.0], device=dev)
     slot_ids = TOKENS[seed % len(TOKENS)]
     g = torch.Generator().manual_seed(seed + 7)
@@ -131,7 +76,7 @@ def test_shrink_and_expand_match_float64_per_token(backend, kind, mode, dtype, s
 
     z = lora_shrink(x, a, views_a, batch)
     assert z.shape == (len(slot_ids), cap_a.rows)
-    _check(z.cpu(), _reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), dtype, f"shrink {kind}/{mode}")
+    check(z.cpu(), reference_shrink(x.cpu(), a.cpu(), views_a, slot_ids), dtype, f"shrink {kind}/{mode}")
 
     chunks = TP if (kind, mode) == ("column", "slora") else 1  # S-LoRA column: z all-gathered from TP ranks
     if chunks > 1:
@@ -142,8 +87,8 @@ def test_shrink_and_expand_match_float64_per_token(backend, kind, mode, dtype, s
     out = poison.clone()
     layout = OutputLayout.contiguous(cap_b.rows)
     assert lora_expand(z, b, views_b, scalings, batch, out, layout, chunks) is out
-    want = _reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout, chunks)
-    _check(out.cpu(), want, dtype, f"expand {kind}/{mode}")
+    want = reference_expand(poison.cpu(), z.cpu(), b.cpu(), views_b, scalings.cpu(), slot_ids, layout, chunks)
+    check(out.cpu(), want, dtype, f"expand {kind}/{mode}")
     for t, s in enumerate(slot_ids):
         if s < 0:
             assert torch.equal(out[t], poison[t]), f"token {t} has no adapter: its output row must stay bit-identical"
@@ -157,7 +102,7 @@ def test_fused_layout_and_row_slice(backend):
     batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids, device=dev), 2)
     g = torch.Generator().manual_seed(3)
     vq, vk = [FactorView(16, 8), FactorView(16, 4)], [FactorView(8, 8), FactorView(8, 8)]
-    bq, bk = _stack(vq, (16, 8), dtype, 1).to(dev), _stack(vk, (8, 8), dtype, 2).to(dev)
+    bq, bk = poisoned_stack(vq, (16, 8), dtype, 1).to(dev), poisoned_stack(vk, (8, 8), dtype, 2).to(dev)
     zq, zk = torch.randn(6, 8, generator=g).to(dev), torch.randn(6, 8, generator=g).to(dev)
     scalings = torch.tensor([1.5, 0.5], device=dev)
     poison = torch.randn(6, 30, generator=g).to(dev)  # 24 fused columns, then 6 nobody addresses
@@ -165,15 +110,20 @@ def test_fused_layout_and_row_slice(backend):
     lq, lk = OutputLayout(8, 12, 0), OutputLayout(4, 12, 8)  # per group: q 8 columns, k 4
     lora_expand(zq, bq, vq, scalings, batch, out, lq)
     lora_expand(zk, bk, vk, scalings, batch, out, lk)
-    want = _reference_expand(poison.cpu(), zq.cpu(), bq.cpu(), vq, scalings.cpu(), slot_ids, lq)
-    want = _reference_expand(want, zk.cpu(), bk.cpu(), vk, scalings.cpu(), slot_ids, lk)
-    _check(out.cpu(), want, dtype, "fused q/k")
+    want = reference_expand(poison.cpu(), zq.cpu(), bq.cpu(), vq, scalings.cpu(), slot_ids, lq)
+    want = reference_expand(want, zk.cpu(), bk.cpu(), vk, scalings.cpu(), slot_ids, lk)
+    check(out.cpu(), want, dtype, "fused q/k")
     assert torch.equal(out[:, 24:], poison[:, 24:]) and torch.equal(out[2], poison[2])
 
     out = poison.clone()
     row_slice = OutputLayout(8, 8, 16)  # this rank's 8 of 24 columns
     lora_expand(zk, bk, vk, scalings, batch, out, row_slice)
-    _check(out.cpu(), _reference_expand(poison.cpu(), zk.cpu(), bk.cpu(), vk, scalings.cpu(), slot_ids, row_slice), dtype, "row slice")
+    check(
+        out.cpu(),
+        reference_expand(poison.cpu(), zk.cpu(), bk.cpu(), vk, scalings.cpu(), slot_ids, row_slice),
+        dtype,
+        "row slice",
+    )
 
 
 def test_slot_metadata_is_refilled_in_place():
@@ -182,8 +132,10 @@ def test_slot_metadata_is_refilled_in_place():
     pointers = [t.data_ptr() for t in (buffers.order, buffers.slot_starts, buffers.slot_counts, buffers.active_slots)]
     for slot_ids in ([2, -1, 0, 2, 2, 0, -1], [3, 3, 1]):
         batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids), 4, buffers)
-        assert [t.data_ptr() for t in (batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots)] == pointers
-        assert batch.order.tolist() == _sorted_tokens(slot_ids)
+        assert [
+            t.data_ptr() for t in (batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots)
+        ] == pointers
+        assert batch.order.tolist() == sorted_tokens(slot_ids)
         counts = [slot_ids.count(s) for s in range(4)]
         assert batch.slot_counts.tolist() == counts
         starts = [slot_ids.count(-1) + sum(counts[:s]) for s in range(4)]
@@ -200,7 +152,7 @@ def test_gathered_and_per_slot_torch_paths_agree(monkeypatch):
     import megatron_bdlora.ops as ops
 
     views = [FactorView(16, 64), None, FactorView(16, 64)]
-    a = _stack(views, (16, 64), torch.float32, 3)
+    a = poisoned_stack(views, (16, 64), torch.float32, 3)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
     ids = torch.tensor([0, 2, 2, 0, 2])
     with use_backend("torch"):

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft_reference import peft_model, random_factors
+from serving_reference import SERVE_LLAMA, adapter_settings, merged_references, serve_base, write_adapters
 
 from megatron_bdlora.base_models import resolve_hf_base
 from megatron_bdlora.perplexity import BASE, PerplexitySpec, format_table, own_corpus_failures
 from megatron_bdlora.training.config import load_config
-from peft_reference import peft_model, random_factors
-from serving_reference import SERVE_LLAMA, adapter_settings, merged_references, serve_base, write_adapters
-from test_megatron_engine import tp1  # noqa: F401 (the fixture: TP=1 process groups in this process)
 
 TP = 1
 ADAPTERS = ["a2", "a0"]  # BD with 2 blocks, and 1 block; write_adapters seeds them 100, 101
@@ -35,8 +34,8 @@ def _write_corpus(path: Path, seed: int) -> Path:
 
 
 def _worker(info, spec: PerplexitySpec, adapters: dict[str, str], requests: list):
-    from megatron_bdlora.inference.serving_loop import ServingConfig
     from megatron_bdlora.inference.requests import GenerationParams
+    from megatron_bdlora.inference.serving_loop import ServingConfig
     from megatron_bdlora.mixed_batch import generate_mixed_batch
     from megatron_bdlora.perplexity import perplexity_worker
 
@@ -50,7 +49,7 @@ def _worker(info, spec: PerplexitySpec, adapters: dict[str, str], requests: list
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tp1):  # noqa: F811
+def scored(tmp_path_factory, tp1):
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("perplexity")
@@ -61,7 +60,9 @@ def scored(tmp_path_factory, tp1):  # noqa: F811
         f"data.seq_length={SEQ}", f"parallel.micro_batch_size={MICRO}", f"logging.eval_batches={BATCHES}"])
     spec = PerplexitySpec(meg, {"bd": adapters["a2"]}, corpora, cfg)
     tok = AutoTokenizer.from_pretrained(meg)
-    requests = [(tok(p)["input_ids"], a, 4) for p in ("the king and", "fair cousin what news") for a in (None, *ADAPTERS)]
+    requests = [
+        (tok(p)["input_ids"], a, 4) for p in ("the king and", "fair cousin what news") for a in (None, *ADAPTERS)
+    ]
     table, tokens, widest, refs = _worker(tp1, spec, adapters, requests)
     return dict(meg=meg, spec=spec, table=table, tokens=tokens, widest=widest, refs=refs, requests=requests)
 
@@ -89,13 +90,19 @@ def test_perplexity_table_equals_transformers_and_peft_on_the_same_text(scored):
     hf_config = json.loads((base_dir / "config.json").read_text())
     models = {
         BASE: LlamaForCausalLM.from_pretrained(base_dir).eval(),
-        "bd": peft_model(LlamaForCausalLM.from_pretrained(base_dir), settings, random_factors(hf_config, settings, seed=100, scale=0.2)),
+        "bd": peft_model(
+            LlamaForCausalLM.from_pretrained(base_dir),
+            settings,
+            random_factors(hf_config, settings, seed=100, scale=0.2),
+        ),
     }
     assert list(table) == [BASE, "bd"] and all(list(row) == list(spec.corpora) for row in table.values())
     for row, model in models.items():
         for column, path in spec.corpora.items():
             want = _reference_perplexity(model, tokenizer, path)
-            assert table[row][column] == pytest.approx(want, rel=1e-4), f"{row} on {column}: {table[row][column]} vs {want}"
+            assert table[row][column] == pytest.approx(want, rel=1e-4), (
+                f"{row} on {column}: {table[row][column]} vs {want}"
+            )
     assert table["bd"]["one"] != pytest.approx(table[BASE]["one"], rel=1e-3), "the adapter must change the perplexity"
 
 

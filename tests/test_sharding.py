@@ -38,7 +38,9 @@ def bad_layer_worker(info):
 
     from megatron_bdlora.layers import LoRALayerSpec, make_parallel_linear
 
-    cfg = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True, gradient_accumulation_fusion=False)
+    cfg = ModelParallelConfig(
+        tensor_model_parallel_size=2, use_cpu_initialization=True, gradient_accumulation_fusion=False
+    )
     messages = []
     for kind, d_in, d_out, rank, nblocks in [("column", 16, 24, 6, 4), ("row", 16, 24, 8, 3), ("column", 16, 20, 8, 8)]:
         spec = LoRALayerSpec(LoRASettings(rank=rank, mode="block_diagonal", nblocks=nblocks), (("q_proj", d_out),))
@@ -50,6 +52,7 @@ def bad_layer_worker(info):
     return messages
 
 
+@pytest.mark.multi_rank
 def test_layer_construction_rejects_bad_configuration():
     messages = run_distributed(bad_layer_worker, 2)[0]
     assert "rank=6 is not divisible by nblocks=4" in messages[0]
@@ -57,7 +60,10 @@ def test_layer_construction_rejects_bad_configuration():
     assert "d_out=20 is not divisible by nblocks=8" in messages[2]
 
 
-@pytest.mark.parametrize("kind, mode, tp", [(k, m, tp) for k in ("column", "row") for m in ("block_diagonal", "slora", "replicated") for tp in (1, 2, 4)])
+@pytest.mark.parametrize(
+    "kind, mode, tp",
+    [(k, m, tp) for k in ("column", "row") for m in ("block_diagonal", "slora", "replicated") for tp in (1, 2, 4)],
+)
 def test_shards_cover_the_stored_factor_exactly_once(kind, mode, tp):
     plan = ShardingPlan.build(kind, mode, 32, 48, 8, tp, 8 if mode == "block_diagonal" else None)
     for shard in (plan.a, plan.b):
@@ -70,7 +76,9 @@ def test_shards_cover_the_stored_factor_exactly_once(kind, mode, tp):
 def test_parameter_counts_match_the_closed_forms():
     d_in, d_out, r, n = 64, 96, 8, 4
     assert ShardingPlan.build("column", "replicated", d_in, d_out, r, n).num_parameters() == r * (d_in + d_out)
-    assert ShardingPlan.build("column", "block_diagonal", d_in, d_out, r, n, n).num_parameters() == r * (d_in + d_out // n)
+    assert ShardingPlan.build("column", "block_diagonal", d_in, d_out, r, n, n).num_parameters() == r * (
+        d_in + d_out // n
+    )
     assert ShardingPlan.build("row", "block_diagonal", d_in, d_out, r, n, n).num_parameters() == r * (d_in // n + d_out)
 
 

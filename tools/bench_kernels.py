@@ -41,7 +41,7 @@ from megatron_bdlora.bench.kernels import (
     DECODE,
     DECODE_RANKS,
     INTERPRETER_SCALE,
-    MODES,
+    MODES,  # noqa: F401  (unused here: tests/tools/test_bench_kernels.py reads it from this tool)
     PREFILL,
     PREFILL_RANKS,
     check,
@@ -54,7 +54,8 @@ from megatron_bdlora.bench.kernels import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write checks, timings and the environment here")
     p.add_argument("--reps", type=int, default=50, help="timed runs per configuration (median reported)")
     p.add_argument("--budget-s", type=float, default=300.0, help="stop the timing sweep after this many seconds")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                   device=torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})",
                   torch=torch.__version__, checks=checks, checks_ok=all(r["ok"] for r in checks))
     if gpu:
-        import triton
+        import triton  # lazy: only the GPU sweep needs it, imported after bench.kernels settled TRITON_INTERPRET
 
         result["triton"] = triton.__version__
         result["copy_gbs"] = copy_bandwidth(device)

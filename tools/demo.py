@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+# lazy (the package's imports inside the functions below): torch, megatron-core and transformers take seconds, so
+# --help and bad flags answer at once
 REPO = Path(__file__).resolve().parents[1]
 
 TP = 3  # SmolLM2-135M has 3 KV heads: TP 1 or 3; BD blocks = TP, so the adapters are communication-free
@@ -41,16 +43,22 @@ BENCH_ARGS = ("--model", "smollm2", "--modes", "block_diagonal,slora,replicated,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="where runs, samples and tables go (default runs/demo)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="demo corpora folder (default data; made if missing)")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/demo"),
+                   help="where runs, samples and tables go (default runs/demo)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="demo corpora folder (default data; made if missing)")
     # 5 steps at 3e-3 leave each adapter >= 20% below every other model on its own corpus (6 at 3e-3 and 8 at 2e-3
     # gave 23-26%); the base is 34-41% above
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per adapter (global batch 8 x 128 tokens; default 5)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, 1 warm-up step then cosine (default 3e-3)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="optimizer steps per adapter (global batch 8 x 128 tokens; default 5)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate, 1 warm-up step then cosine (default 3e-3)")
     p.add_argument("--eval-batches", type=int, default=2,
-                   help="held-out micro-batches (4 x 128 tokens) per perplexity cell, from the start of each valid file (default 2)")
+                   help="held-out micro-batches (4 x 128 tokens) per perplexity cell, from the start of each valid "
+                   "file (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens per sample (default 20)")
-    p.add_argument("--fresh", action="store_true", help="redo the steps that write under --out-dir (data and the cached base are kept)")
+    p.add_argument("--fresh", action="store_true",
+                   help="redo the steps that write under --out-dir (data and the cached base are kept)")
     args = p.parse_args(argv)
     for flag in ("steps", "eval_batches", "max_new_tokens"):
         if getattr(args, flag) < 1:
@@ -79,8 +87,9 @@ def run(cmd: list[str], what: str, capture: Path | None = None, **env: str) -> N
 def train_overrides(args: argparse.Namespace, name: str) -> list[str]:
     """The config overrides of one adapter's run: its corpus, its folder, the demo's short schedule."""
     folder = CORPORA[name]
-    return [f"data.train={args.data_dir / folder / 'train.txt'}", "data.valid=null", f"logging.dir={args.out_dir / name}",
-            f"schedule.train_steps={args.steps}", "schedule.warmup_steps=1", f"optimizer.lr={args.lr}", "checkpoint.every=0"]
+    return [f"data.train={args.data_dir / folder / 'train.txt'}", "data.valid=null",
+            f"logging.dir={args.out_dir / name}", f"schedule.train_steps={args.steps}", "schedule.warmup_steps=1",
+            f"optimizer.lr={args.lr}", "checkpoint.every=0"]
 
 
 def repo_relative(path: Path) -> Path:
@@ -121,9 +130,11 @@ def step_train(args: argparse.Namespace, name: str) -> Path:
         print(f"train {name}: {adapter} exists (skipped)")
     else:
         # one thread per rank, torchrun's default, set here so that it does not print a banner about it
-        run(["bash", "launch/train.sh", str(CONFIG), str(TP), *train_overrides(args, name)], f"training the {name} adapter",
+        run(["bash", "launch/train.sh", str(CONFIG), str(TP), *train_overrides(args, name)],
+            f"training the {name} adapter",
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    last = [json.loads(line) for line in (args.out_dir / name / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+    metrics = (args.out_dir / name / "metrics.jsonl").read_text().splitlines()
+    last = [json.loads(line) for line in metrics if line.strip()][-1]
     print(f"train {name}: {last['step']} steps, last training loss {last['loss']:.3f}")
     return adapter
 
@@ -146,8 +157,8 @@ def step_serve_and_score(args: argparse.Namespace, meg_dir: Path, adapters: dict
     """Samples (OUT/samples.json) and the perplexity table (OUT/perplexity.json), computed together when missing."""
     from transformers import AutoTokenizer
 
-    from megatron_bdlora.inference.serving_loop import ServingConfig
     from megatron_bdlora.inference.requests import GenerationParams
+    from megatron_bdlora.inference.serving_config import ServingConfig
     from megatron_bdlora.local_ranks import run_distributed
     from megatron_bdlora.perplexity import PerplexitySpec
     from megatron_bdlora.training.config import load_config
@@ -159,8 +170,9 @@ def step_serve_and_score(args: argparse.Namespace, meg_dir: Path, adapters: dict
     requests = [(tokenizer(prompt)["input_ids"], row) for prompt in PROMPTS for row in rows]
     serving = ppl = None
     if not samples_file.is_file():
-        serving = ServingConfig(megatron_dir=meg_dir, mode="block_diagonal", adapters={n: str(d) for n, d in adapters.items()},
-                                max_loras=len(adapters), max_lora_rank=cfg.lora.rank, max_model_len=128, max_num_seqs=len(requests),
+        serving = ServingConfig(megatron_dir=meg_dir, mode="block_diagonal",
+                                adapters={n: str(d) for n, d in adapters.items()}, max_loras=len(adapters),
+                                max_lora_rank=cfg.lora.rank, max_model_len=128, max_num_seqs=len(requests),
                                 kv_cache_gb=0.05)
     if not ppl_file.is_file():
         ppl = PerplexitySpec(meg_dir, {n: str(d) for n, d in adapters.items()},
@@ -171,12 +183,14 @@ def step_serve_and_score(args: argparse.Namespace, meg_dir: Path, adapters: dict
         if serving:
             completions, widest = result["samples"]
             samples = {"max_requests_in_one_step": widest, "max_new_tokens": args.max_new_tokens, "completions": [
-                {"prompt": PROMPTS[i // len(rows)], "model": c.adapter or "base", "text": c.text, "finish_reason": c.finish_reason}
+                {"prompt": PROMPTS[i // len(rows)], "model": c.adapter or "base", "text": c.text,
+                 "finish_reason": c.finish_reason}
                 for i, c in enumerate(completions)]}
             samples_file.write_text(json.dumps(samples, indent=2) + "\n")
         if ppl:
             tokens = cfg.logging.eval_batches * cfg.parallel.micro_batch_size * cfg.data.seq_length
-            ppl_file.write_text(json.dumps({"table": result["perplexity"], "tokens_per_cell": tokens, "tp": TP}, indent=2) + "\n")
+            table = {"table": result["perplexity"], "tokens_per_cell": tokens, "tp": TP}
+            ppl_file.write_text(json.dumps(table, indent=2) + "\n")
     return json.loads(samples_file.read_text()), json.loads(ppl_file.read_text())
 
 
@@ -193,7 +207,8 @@ def print_perplexity(ppl: dict) -> bool:
     """Print the table and the verdict; whether each adapter is best on its own corpus."""
     from megatron_bdlora.perplexity import format_table, own_corpus_failures
 
-    print(f"\nHeld-out perplexity at TP={TP} ({ppl['tokens_per_cell']} tokens of each valid file; * = best per column):")
+    print(f"\nHeld-out perplexity at TP={TP} ({ppl['tokens_per_cell']} tokens of each valid file; "
+          "* = best per column):")
     print(format_table(ppl["table"]))
     failures = own_corpus_failures(ppl["table"], {name: name for name in CORPORA})
     for failure in failures:
@@ -211,19 +226,19 @@ def step_bench(args: argparse.Namespace, rank: int) -> None:
         print(text.read_text(), end="")
         return
     run([sys.executable, "tools/bench_serving.py", "--tp", str(TP), "--adapter-rank", str(rank), *BENCH_ARGS,
-         "--json", str(out.with_suffix(".json")), "--plot", str(out.with_suffix(".png"))], "tools/bench_serving.py", capture=text)
+         "--json", str(out.with_suffix(".json")), "--plot", str(out.with_suffix(".png"))], "tools/bench_serving.py",
+        capture=text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out_dir, args.data_dir = (repo_relative(p) for p in (args.out_dir, args.data_dir))
     os.chdir(REPO)  # the commands below are the repository's (launch/, tools/, configs/)
-    from megatron_bdlora.parallel import silence_expected_warnings
     from megatron_bdlora.training.config import load_config
 
-    silence_expected_warnings()
     if args.fresh:
-        for name in [*CORPORA, "samples.json", "perplexity.json", "bench_serving.json", "bench_serving.png", "bench_serving.txt"]:
+        outputs = ["samples.json", "perplexity.json", "bench_serving.json", "bench_serving.png", "bench_serving.txt"]
+        for name in [*CORPORA, *outputs]:
             path = args.out_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -245,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     print_samples(samples)
     ok = print_perplexity(ppl)
     timed("bench", step_bench, args, load_config(CONFIG).lora.rank)
-    print("\nstep times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {sum(times.values()):.0f} s")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    print(f"\nstep times: {steps}; total {sum(times.values()):.0f} s")
     return 0 if ok else 1
 
 

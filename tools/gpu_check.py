@@ -12,17 +12,21 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from megatron_bdlora.bench.gpu_check import DEFAULT_BUDGET_S, PARTS, run_check
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from megatron_bdlora.bench.gpu_check import DEFAULT_BUDGET_S, PARTS
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory for gpu_check.json and gpu_check.md")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU (kernels in Triton's interpreter)")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                   help=f"seconds for all parts together; a part that would not fit is skipped (default {DEFAULT_BUDGET_S:.0f})")
+                   help="seconds for all parts together; a part that would not fit is skipped "
+                   f"(default {DEFAULT_BUDGET_S:.0f})")
     p.add_argument("--commit", help="the commit being checked, recorded when the tree is not a git checkout")
-    p.add_argument("--parts", help=f"comma-separated subset of: {', '.join(part.name for part in PARTS)} (default: all)")
+    p.add_argument("--parts",
+                   help=f"comma-separated subset of: {', '.join(part.name for part in PARTS)} (default: all)")
     args = p.parse_args(argv)
     if args.budget_s <= 0:
         p.error(f"--budget-s must be > 0, got {args.budget_s}")
@@ -35,15 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
     if not args.smoke and not torch.cuda.is_available():
         print("error: no CUDA GPU here; run with --smoke for the CPU-sized check", file=sys.stderr)
         return 2
     if args.smoke and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run interpreted
-    from megatron_bdlora.bench.gpu_check import run_check
-
     only = tuple(args.parts.split(",")) if args.parts else None
     return run_check(args.out, args.smoke, args.budget_s, args.commit, only)
 

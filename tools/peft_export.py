@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_bdlora.checkpoint.peft import export_peft_directory
+    from megatron_bdlora.checkpoint.peft import export_peft_directory  # lazy: --help and bad flags answer without torch
 
     try:
         out = export_peft_directory(

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_bdlora.checkpoint.peft import import_peft_directory
 from megatron_bdlora.sharding import Mode
 
 MODES = tuple(m.value for m in Mode)  # the sharding plan owns the list
@@ -58,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_bdlora.checkpoint.peft import import_peft_directory
-
     try:
         out = import_peft_directory(
             args.peft_dir, args.out_dir, args.base_config, args.tp, args.mode, args.nblocks,

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_bdlora.checkpoint.reshard import reshard_directory
 from megatron_bdlora.sharding import Mode
 
 MODES = tuple(m.value for m in Mode)  # the sharding plan owns the list
@@ -44,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_bdlora.checkpoint.reshard import reshard_directory
-
     try:
         out = reshard_directory(
             args.adapter_dir, args.out_dir, args.tp, args.mode, args.nblocks, overwrite=args.overwrite

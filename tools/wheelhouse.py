@@ -1,4 +1,5 @@
-"""Select, target and check an offline wheelhouse (`make wheelhouse`, `make check-wheelhouse`; README "Offline install").
+"""Select, target and check an offline wheelhouse (`make wheelhouse`, `make check-wheelhouse`;
+README "Offline install").
 
   requirements  print the pins of constraints-offline.txt a wheelhouse holds (profile, --exclude, --only, --kind)
   pip-args      print pip download's target flags for a cross build (--python-version, --implementation, --platform ...)
@@ -117,7 +118,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             errors.append(f"{f.name}: not a wheel")
             continue
         if not wheel_tags & tags:
-            errors.append(f"{f.name}: pip on {where} would not take it ({', '.join(map(str, sorted(wheel_tags, key=str)))})")
+            offered = ", ".join(map(str, sorted(wheel_tags, key=str)))
+            errors.append(f"{f.name}: pip on {where} would not take it ({offered})")
         if name in FORBIDDEN or name.startswith(FORBIDDEN_PREFIX):
             errors.append(f"{f.name}: {name} must come with the cluster's torch, not from the wheelhouse")
         if name in found:
@@ -144,7 +146,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+    first, rest = __doc__.split("\n\n", 1)  # the first paragraph (one line in --help), then the commands
+    p = argparse.ArgumentParser(description=" ".join(first.split()), epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     def tgt(s: argparse.ArgumentParser) -> None:
         s.add_argument("--python-version", default="", help="e.g. 3.12; empty: this interpreter (unless --platform)")
         s.add_argument("--platform", default="",
-                       help="newest platform tag of the target, e.g. manylinux_2_28_x86_64 (the default of a cross build)")
+                       help="newest platform tag of the target, e.g. manylinux_2_28_x86_64 (the default of a cross "
+                       "build)")
 
     s = sub.add_parser("requirements", help="print the selected pins, one per line")
     selection(s)

@@ -26,6 +26,7 @@ kernel-launch, attention or scheduler time).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -39,8 +40,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+from megatron_bdlora.local_ranks import run_distributed
+from megatron_bdlora.lora_batch import FactorView, SlotBatch
+from megatron_bdlora.ops import lora_expand, lora_shrink
 from megatron_bdlora.param_count import BUILTIN_CONFIGS, match_bd_rank
 from megatron_bdlora.sharding import Collective
 from megatron_bdlora.targets import llama_projections, lora_plan
@@ -200,8 +205,6 @@ def _median_us(fn: Callable[[], Any], reps: int) -> float:
 
 def measure_worker(info: Any, threads: int, reps: int) -> dict:
     """On every rank of the TP group: the collective sweep; rank 0 also the local rates."""
-    import torch.distributed as dist
-
     torch.set_num_threads(threads)
     group = dist.group.WORLD
     sweep = {}
@@ -210,10 +213,10 @@ def measure_worker(info: Any, threads: int, reps: int) -> dict:
         for size in SWEEP_BYTES:
             x = torch.ones(size // 4)
             if kind == "all_reduce":
-                fn = lambda: dist.all_reduce(x, group=group)  # noqa: E731
+                fn = functools.partial(dist.all_reduce, x, group=group)
             else:
                 out = torch.empty(x.numel() * info.tp_size)
-                fn = lambda: dist.all_gather_into_tensor(out, x, group=group)  # noqa: E731
+                fn = functools.partial(dist.all_gather_into_tensor, out, x, group=group)
             dist.barrier()
             points.append((size * (info.tp_size if kind == "all_gather" else 1), _median_us(fn, reps)))
         sweep[kind] = points
@@ -233,8 +236,6 @@ def in_loop_latency(tp: int, group: Any, reps: int, seconds_per_point: float = 5
     point runs at least `reps` rounds and as many as fill `seconds_per_point` (rank 0's estimate, the same count
     on every rank).
     """
-    import torch.distributed as dist
-
     x, w = torch.randn(8, 1024), torch.randn(1024, 1024)
     base, small = torch.zeros(8 * 1024), torch.zeros(8 * 64)  # a base all-reduce; a rank-space intermediate
     gathered = torch.empty(small.numel() * tp)
@@ -277,8 +278,6 @@ def in_loop_latency(tp: int, group: Any, reps: int, seconds_per_point: float = 5
 
 def local_rates(reps: int) -> dict:
     """Copy bandwidth, skinny-matmul rate and the fixed cost of one LoRA projection branch (torch ops path)."""
-    from megatron_bdlora.ops import FactorView, SlotBatch, lora_expand, lora_shrink
-
     src = torch.randn(2**24)
     dst = torch.empty_like(src)
     copy_us = _median_us(lambda: dst.copy_(src), max(5, reps // 4))
@@ -296,8 +295,6 @@ def local_rates(reps: int) -> dict:
 
 def measure(tp: int, threads: int, reps: int) -> dict:
     """Calibrate this machine on `tp` local gloo ranks and print what was measured; returns measure's JSON."""
-    from megatron_bdlora.local_ranks import run_distributed
-
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     raw = run_distributed(measure_worker, tp, threads, reps)[0]
     fits = {kind: fit_line(points) for kind, points in raw["sweep"].items()}

@@ -75,6 +75,7 @@ def machine() -> dict:
     )
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    sms=props.multi_processor_count,
                     cuda=torch.version.cuda, capability=".".join(map(str, torch.cuda.get_device_capability(0))))
     return info

@@ -35,6 +35,9 @@ class Part:
     run: Callable[[bool, float], PartResult]  # (smoke, budget_s) -> result
 
 
+# lazy (each part's module, imported when the part runs): tools/gpu_check.py sets TRITON_INTERPRET after importing
+# this module, before triton (which megatron-core imports too) is first imported; and a part that fails to import is
+# an error of that part, not of the whole check
 def _kernels(smoke: bool, budget_s: float) -> PartResult:
     from megatron_bdlora.bench.kernels import gpu_check_part
 
@@ -82,7 +85,7 @@ PARTS = (
 
 def attention_path() -> str:
     """Which paged attention megatron's engine runs here (flash-attn, or our torch stand-in)."""
-    try:
+    try:  # lazy, inside the try: a broken megatron-core or flash-attn is reported here, not fatal
         from megatron_bdlora.inference.cpu_fallbacks import attention_path_here
     except ImportError as err:
         return f"unknown ({err})"
@@ -112,7 +115,8 @@ def run_check(out_dir: Path, smoke: bool, budget_s: float, commit: str | None = 
         print(f"[gpu_check] {part.name}: {result.status} in {result.seconds:.0f} s {result.why}", flush=True)
         results.append(result)
         _release_device_memory()
-        _write(out_dir, env, results, smoke, budget_s, time.perf_counter() - start)  # keep what ran if a later part hangs
+        # keep what ran if a later part hangs
+        _write(out_dir, env, results, smoke, budget_s, time.perf_counter() - start)
     failed = [r.name for r in results if r.status in ("mismatch", "error")]
     print(f"[gpu_check] {'FAILED: ' + ', '.join(failed) if failed else 'OK'} "
           f"({time.perf_counter() - start:.0f} s); wrote {out_dir / 'gpu_check.json'} and gpu_check.md", flush=True)
@@ -139,8 +143,9 @@ def render_markdown(env: dict, results: list[PartResult], smoke: bool, wall_s: f
         f"# GPU check{' (smoke, CPU-sized)' if smoke else ''}",
         "",
         f"- date: {m['date']}; commit: {code.get('commit')}; wall: {wall_s:.0f} s",
-        f"- GPU: {m.get('gpu') or 'none'}" + (f" ({m.get('gpu_memory_gib')} GiB, {m.get('sms')} SMs, CUDA {m.get('cuda')}, "
-                                              f"sm_{m.get('capability', '').replace('.', '')})" if m.get("gpu") else ""),
+        f"- GPU: {m.get('gpu') or 'none'}"
+        + (f" ({m.get('gpu_memory_gib')} GiB, {m.get('sms')} SMs, CUDA {m.get('cuda')}, "
+           f"sm_{m.get('capability', '').replace('.', '')})" if m.get("gpu") else ""),
         f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in pk.items() if v),
         f"- attention path: {env['attention']}; LoRA backend: {env['lora_backend']}; TF32 off for exactness checks",
         "",

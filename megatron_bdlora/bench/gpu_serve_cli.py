@@ -23,8 +23,11 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bdlora.bench.report import PartResult
+from megatron_bdlora.bench.workload import word_tokenizer, write_random_adapter
+from megatron_bdlora.config import LoRASettings
 
 HF_CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000,
@@ -56,11 +59,6 @@ def _http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[in
 
 def write_base_and_adapter(root: Path) -> tuple[Path, Path]:
     """A random HF Llama directory with a tokenizer, and a native BD adapter (rank 8, 2 blocks) for it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_bdlora.bench.workload import word_tokenizer, write_random_adapter
-    from megatron_bdlora.config import LoRASettings
-
     hf_dir, adapter_dir = root / "base", root / "adapter"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**HF_CONFIG)).save_pretrained(hf_dir, safe_serialization=True)

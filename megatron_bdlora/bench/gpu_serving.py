@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+from torch.autograd import DeviceType
 
 from megatron_bdlora.bench.report import PartResult
 from megatron_bdlora.bench.workload import (
@@ -46,11 +48,19 @@ from megatron_bdlora.bench.workload import (
     single_process_group,
     word_tokenizer,
 )
+from megatron_bdlora.checkpoint.peft import export_peft_directory
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+from megatron_bdlora.inference.adapter_slots import serving_settings
+from megatron_bdlora.inference.requests import GenerationParams
+from megatron_bdlora.inference.serving_config import ServingConfig
+from megatron_bdlora.inference.serving_loop import ServingLoop
+from megatron_bdlora.layers import LoRAParallelLinear
+from megatron_bdlora.model import build_model, load_base_state_dict, load_full_adapter
 
 LLAMA_8B_WIDTHS = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
 TINY_WIDTHS = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4)
-BASE_NAME = "random-llama"  # the served base model's name (ServingConfig.megatron_dir is not read: weights are in memory)
+# the served base model's name (ServingConfig.megatron_dir is not read: weights are in memory)
+BASE_NAME = "random-llama"
 LOGIT_TOLERANCE = 1e-4  # max |served - reference| / max |reference| over a request's steps
 STEP_RANGE, LORA_RANGE = "bdlora::engine_step", "bdlora::lora"  # profiler ranges of the speed part
 LORA_KERNEL = "segment_lora_kernel"  # megatron_bdlora/kernels/segment_lora.py (the GPU path's only LoRA kernel)
@@ -65,22 +75,17 @@ def llama_config(widths: dict, layers: int, vocab: int) -> dict:
 
 def graphs_flag_available() -> bool:
     """Whether this checkout's ServingConfig has the CUDA-graph switch."""
-    from megatron_bdlora.inference.serving_loop import ServingConfig
-
     return "cuda_graphs" in ServingConfig.__dataclass_fields__
 
 
 def serving_loop(info: Any, hf_config: dict, state: dict[str, torch.Tensor], tokenizer: Any, mode: str,
-                 adapters: dict[str, str], dtype: str, engine: dict, max_lora_rank: int, cuda_graphs: bool = False) -> Any:
+                 adapters: dict[str, str], dtype: str, engine: dict, max_lora_rank: int,
+                 cuda_graphs: bool = False) -> Any:
     """A ServingLoop over an in-memory base (this process, TP=1), adapters from native checkpoint directories.
 
     The model is built on the host (megatron's CPU initialisation, as ServingLoop.create does), moved to the
     device, then the weights are copied in; one slot per adapter, so none is evicted while timing.
     """
-    from megatron_bdlora.inference.adapter_slots import serving_settings
-    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
-    from megatron_bdlora.model import build_model, load_base_state_dict
-
     slots = max(1, len(adapters))
     graphs = {"cuda_graphs": True} if cuda_graphs else {}
     model = build_model(hf_config, 1, serving_settings(mode, 1, max_lora_rank), dtype, slots=slots, **graphs)
@@ -96,8 +101,6 @@ def free_device_memory(graphs: bool = False) -> None:
     megatron's process-wide CUDA-graph record (it keeps the captured layers alive) and return the memory."""
     gc.collect()
     if graphs:
-        from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
-
         delete_cuda_graphs()
         gc.collect()
     if torch.cuda.is_available():
@@ -123,7 +126,8 @@ def exact_float32() -> Iterator[None]:
 # targets and scalings; each rank a multiple of its nblocks
 EXACT_ADAPTERS = {
     "a0": LoRASettings(rank=8, alpha=16, nblocks=1),
-    "a1": LoRASettings(rank=16, alpha=16, use_rslora=True, nblocks=2, targets=("q_proj", "v_proj", "o_proj", "down_proj")),
+    "a1": LoRASettings(rank=16, alpha=16, use_rslora=True, nblocks=2,
+                       targets=("q_proj", "v_proj", "o_proj", "down_proj")),
     "a2": LoRASettings(rank=32, alpha=64, nblocks=4),
     "a3": LoRASettings(rank=64, alpha=64, nblocks=8, targets=("k_proj", "o_proj", "gate_proj", "up_proj")),
 }
@@ -144,9 +148,11 @@ class ExactSize:
 
 
 EXACT_FULL = ExactSize(LLAMA_8B_WIDTHS, 2, 32000, 15, (3, 200), (6, 12),
-                       dict(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256, kv_cache_gb=0.25, block_size=64))
+                       dict(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256, kv_cache_gb=0.25,
+                            block_size=64))
 EXACT_SMOKE = ExactSize(TINY_WIDTHS, 2, 512, 10, (3, 40), (4, 8),
-                        dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64, kv_cache_gb=0.01, block_size=16))
+                        dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64, kv_cache_gb=0.01,
+                             block_size=16))
 Stream = list[tuple[int, list[int], "str | None", int]]  # (arrival step, prompt ids, adapter or None, max tokens)
 
 
@@ -166,8 +172,6 @@ def serve_stream(loop: Any, stream: Stream, deadline: float, max_steps: int = 20
     """Submit each request at its arrival step, step until all finished (or the deadline). Returns per request its
     tokens, finish reason, error and the served last-token logits of each step (`samplers.record_logits`); and what
     the stream exercised (most requests running in one step, whether a prefill was chunked, engine steps)."""
-    from megatron_bdlora.inference.requests import GenerationParams
-
     loop.samplers.record_logits = True
     queues: dict[int, tuple[int, Any]] = {}
     got: dict[int, dict] = {}
@@ -204,7 +208,8 @@ def full_logits(model: torch.nn.Module, ids: list[int], device: torch.device) ->
     s = len(ids)
     tokens = torch.tensor([ids], device=device)  # [1, s]
     positions = torch.arange(s, device=device)[None]  # [1, s]
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1)[None, None]  # [1, 1, s, s] True = hidden
+    # [1, 1, s, s] True = hidden
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1)[None, None]
     logits = model(tokens, positions, mask, runtime_gather_output=True)  # [1, s, padded vocab]
     return logits[0, -1, : model.hf_config["vocab_size"]].float()
 
@@ -218,9 +223,6 @@ def merged_references(info: Any, hf_config: dict, state: dict[str, torch.Tensor]
 
     adapters: name -> (LoRASettings, full stored factors).
     """
-    from megatron_bdlora.layers import LoRAParallelLinear
-    from megatron_bdlora.model import build_model, load_base_state_dict, load_full_adapter
-
     refs: list = [None] * len(stream)
     base_tokens: list = [None] * len(stream)
     for name in [None] + sorted({a for _, _, a, _ in stream if a is not None}):
@@ -398,7 +400,8 @@ def exactness_markdown(data: dict, rows: list[dict], smoke: bool) -> str:
             rank = nblocks = targets = "-"
         else:
             rank, nblocks = a["rank"], a["nblocks"]
-            targets = "all" if tuple(a["targets"]) == ALL_TARGETS else ",".join(t.removesuffix("_proj") for t in a["targets"])
+            short = ",".join(t.removesuffix("_proj") for t in a["targets"])
+            targets = "all" if tuple(a["targets"]) == ALL_TARGETS else short
         lines.append(f"| {name or 'base'} | {rank} | {nblocks} | {targets} | {len(group)} "
                      f"| {sum(bool(r['ok']) for r in group)}/{len(group)} | {_fmt(max(errs, default=None), '.1e')} "
                      f"| {f'{sum(acts)}/{len(acts)}' if acts else '-'} |")
@@ -461,8 +464,6 @@ def _sync() -> None:
 def lora_ranges() -> Iterator[None]:
     """Name every LoRA branch of a serving forward (`add_lora_slots`: shrink, collective, expand) as one profiler
     range, so its CPU and device time can be told from the step's."""
-    from megatron_bdlora.layers import LoRAParallelLinear
-
     real = LoRAParallelLinear.add_lora_slots
 
     def add_lora_slots(self, x: torch.Tensor, base: torch.Tensor) -> None:
@@ -481,8 +482,6 @@ def run_ours(loop: Any, probe: _StepProbe, prompts: list[list[int]], adapters: l
     """All requests at once, stepped to the end; each step timed on the host after a device sync (the loop itself
     reads the sampled tokens back every step). Decode steps are those whose forward decoded only, with every
     request running. profile_steps > 0: that many decode steps (after two) under torch.profiler, summarised."""
-    from megatron_bdlora.inference.requests import GenerationParams
-
     params = GenerationParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     queues = [loop.submit(p, a, params)[1] for p, a in zip(prompts, adapters)]
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -525,14 +524,13 @@ def run_ours(loop: Any, probe: _StepProbe, prompts: list[list[int]], adapters: l
     finally:
         if prof is not None:
             prof.__exit__(None, None, None)
-    return dict(tokens=tokens, decode_step_s=decode_s, wall_s=time.perf_counter() - t_start, steps=steps, profile=summary)
+    return dict(tokens=tokens, decode_step_s=decode_s, wall_s=time.perf_counter() - t_start, steps=steps,
+                profile=summary)
 
 
 def lora_share(prof: Any) -> dict:
     """Share of the profiled engine steps spent in LoRA branches: host time (CPU) and, on a GPU, device time of the
     kernels launched inside the LoRA ranges, and of the LoRA kernel by name (a cross-check of the attribution)."""
-    from torch.autograd import DeviceType
-
     events = prof.events()
     steps = [e for e in events if e.name == STEP_RANGE and e.device_type == DeviceType.CPU]
     lora = [e for e in events if e.name == LORA_RANGE and e.device_type == DeviceType.CPU]
@@ -545,7 +543,8 @@ def lora_share(prof: Any) -> dict:
     if torch.cuda.is_available():
         dev_step = sum(e.device_time_total for e in steps)
         dev_lora = sum(e.device_time_total for e in lora)
-        device_events = [e for e in events if e.device_type == DeviceType.CUDA and e.name not in (STEP_RANGE, LORA_RANGE)]
+        device_events = [e for e in events
+                         if e.device_type == DeviceType.CUDA and e.name not in (STEP_RANGE, LORA_RANGE)]
         dev_kernel = sum(e.time_range.elapsed_us() for e in device_events if LORA_KERNEL in e.name)
         kernels_total = sum(e.time_range.elapsed_us() for e in device_events)
         out.update(device_ms_per_step=dev_step / 1e3 / n, device_lora_share=dev_lora / dev_step if dev_step else None,
@@ -603,7 +602,8 @@ def speed_tasks(graphs_modes: tuple[bool, ...]) -> list[_Task]:
     return tasks
 
 
-def speed_part(smoke: bool, budget_s: float, graphs_modes: tuple[bool, ...] = (False, True), seed: int = 0) -> PartResult:
+def speed_part(smoke: bool, budget_s: float, graphs_modes: tuple[bool, ...] = (False, True),
+               seed: int = 0) -> PartResult:
     """Decode speed of BD / replicated / no adapter / PEFT at each batch, eager and under CUDA graphs (bf16).
 
     Points that would not fit in `budget_s` are skipped with why, keeping the measured ones; an engine that fails to
@@ -675,8 +675,6 @@ def speed_part(smoke: bool, budget_s: float, graphs_modes: tuple[bool, ...] = (F
             try:
                 t0 = time.monotonic()
                 if task.mode is None:
-                    from megatron_bdlora.checkpoint.peft import export_peft_directory
-
                     peft_dirs = {n: str(export_peft_directory(dirs[n], Path(tmp) / "peft" / n)) for n in names}
                     batcher = PeftBatcher(hf_llama(hf_config, state, dtype), peft_dirs, max_batch,
                                           autocast_adapter_dtype=False)
@@ -695,7 +693,8 @@ def speed_part(smoke: bool, budget_s: float, graphs_modes: tuple[bool, ...] = (F
                         t0 = time.monotonic()
                         adapters = [None] * batch if system == "none" else mixed[:batch]
                         if system == "PEFT":
-                            run = run_peft(batcher, prompts[:batch], [a or PEFT_BASE for a in adapters], size.new_tokens)
+                            run = run_peft(batcher, prompts[:batch], [a or PEFT_BASE for a in adapters],
+                                           size.new_tokens)
                         else:
                             run = run_ours(loop, probe, prompts[:batch], adapters, size.new_tokens)
                         est["point"] = max(est["point"] * 0.5, time.monotonic() - t0)
@@ -709,8 +708,10 @@ def speed_part(smoke: bool, budget_s: float, graphs_modes: tuple[bool, ...] = (F
                                        profile_steps=size.profile_steps)
                     profile = dict(run["profile"] or {}, batch=batch, system="BD", graphs=False)
             except Exception as exc:  # keep the other systems' numbers: one broken engine must not hide them
-                errors.append(dict(task=task.label, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
-                skip_rest(task, tuple(b for b in size.batches if b not in done), f"{task.label} failed: {type(exc).__name__}")
+                errors.append(dict(task=task.label, error=f"{type(exc).__name__}: {exc}",
+                                   traceback=traceback.format_exc()))
+                skip_rest(task, tuple(b for b in size.batches if b not in done),
+                          f"{task.label} failed: {type(exc).__name__}")
             finally:
                 loop = batcher = probe = None
                 free_device_memory(bool(task.graphs))
@@ -744,7 +745,8 @@ def agreement(tokens: dict[tuple, list[list[int]]]) -> dict:
             for other in pairs:
                 if other in tokens:
                     c = compare_tokens(toks, tokens[other])
-                    key = f"BD{'+graphs' if graphs else ''} vs {other[0]}{'+graphs' if other[2] else ''} @ batch {batch}"
+                    key = (f"BD{'+graphs' if graphs else ''} vs {other[0]}{'+graphs' if other[2] else ''} "
+                           f"@ batch {batch}")
                     out[key] = dict(requests=c["requests"], identical=c["exact_match_requests"],
                                     tokens_before_first_divergence=round(c["tokens_before_first_divergence"], 3))
     return out
@@ -789,7 +791,8 @@ def speed_markdown(data: dict, rows: list[dict], ratio_rows: list[dict], skipped
     for r in sorted(rows, key=lambda r: (order[r["system"]], bool(r["graphs"]), r["batch"])):
         graphs = "-" if r["graphs"] is None else ("on" if r["graphs"] else "off")
         lines.append(f"| {r['system']} | {r['batch']} | {graphs} | {_fmt(r['tokens_per_s'], '.1f')} "
-                     f"| {_fmt(r['step_ms_p50'], '.2f')} | {_fmt(r['step_ms_p10'], '.2f')}-{_fmt(r['step_ms_p90'], '.2f')} "
+                     f"| {_fmt(r['step_ms_p50'], '.2f')} "
+                     f"| {_fmt(r['step_ms_p10'], '.2f')}-{_fmt(r['step_ms_p90'], '.2f')} "
                      f"| {_fmt(r['spread_pct'], '.0f')}% | {r['decode_steps']} |")
     if ratio_rows:
         lines += ["", "BD's decode tok/s over the others' (> 1: BD faster; PEFT is eager):", "",
@@ -800,9 +803,11 @@ def speed_markdown(data: dict, rows: list[dict], ratio_rows: list[dict], skipped
     if profile:
         where = (f"device time {_fmt(_pct(profile.get('device_lora_share')), '.1f')}% in LoRA ranges "
                  f"({_fmt(_pct(profile.get('device_lora_kernel_share')), '.1f')}% in {LORA_KERNEL} by name) of "
-                 f"{_fmt(profile.get('device_ms_per_step'), '.2f')} ms per step; " if "device_ms_per_step" in profile else "")
-        lines += ["", f"LoRA share of a BD decode step (batch {profile['batch']}, eager, {profile.get('profiled_steps')} "
-                      f"profiled steps): {where}host time {_fmt(_pct(profile.get('cpu_lora_share')), '.1f')}% of "
+                 f"{_fmt(profile.get('device_ms_per_step'), '.2f')} ms per step; "
+                 if "device_ms_per_step" in profile else "")
+        lines += ["", f"LoRA share of a BD decode step (batch {profile['batch']}, eager, "
+                      f"{profile.get('profiled_steps')} profiled steps): {where}host time "
+                      f"{_fmt(_pct(profile.get('cpu_lora_share')), '.1f')}% of "
                       f"{_fmt(profile.get('cpu_ms_per_step'), '.2f')} ms per step "
                       f"({_fmt(profile.get('lora_ranges_per_step'), '.0f')} LoRA branches per step)."]
     if data["agreement"]:

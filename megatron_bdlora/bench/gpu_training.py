@@ -29,13 +29,36 @@ import math
 import statistics
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from megatron_bdlora.bench.gpu_serving import exact_float32
+from megatron_bdlora.bench.peft_reference import mean_token_loss_gradients
 from megatron_bdlora.bench.report import PartResult
+from megatron_bdlora.bench.workload import single_process_group
+from megatron_bdlora.checkpoint.adapters import load_native
+from megatron_bdlora.checkpoint.hf import convert_hf_to_megatron
+from megatron_bdlora.training.config import (
+    CheckpointSection,
+    DataSection,
+    DeepSpeedSection,
+    LoggingSection,
+    LoRASection,
+    ModelSection,
+    OptimizerSection,
+    ParallelSection,
+    ScheduleSection,
+    TrainConfig,
+    batch_layout,
+    check_config,
+)
+from megatron_bdlora.training.data import GlobalBatchSampler, collate
+from megatron_bdlora.training.loop import PreparedRun, Trainer
 
 NAME = "training"
 SEED = 1234
@@ -107,10 +130,6 @@ def make_examples(sizes: Sizes, seed: int = SEED) -> Examples:
 def write_base(root: Path, sizes: Sizes, seed: int = SEED) -> tuple[Path, Path, dict]:
     """A seeded random Llama as a Hugging Face directory and its megatron TP=1 conversion: (hf_dir, megatron_dir,
     HF config). Weights N(0, 1/hidden): unit gain, logits O(1)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_bdlora.checkpoint.hf import convert_hf_to_megatron
-
     config = LlamaConfig(
         hidden_size=sizes.hidden_size, intermediate_size=sizes.intermediate_size,
         num_attention_heads=sizes.num_attention_heads, num_key_value_heads=sizes.num_key_value_heads,
@@ -126,21 +145,20 @@ def write_base(root: Path, sizes: Sizes, seed: int = SEED) -> tuple[Path, Path, 
 
 def train_config(sizes: Sizes, dtype: str, hf_dir: Path, log_dir: Path, dump_steps: tuple[int, ...]):
     """The run's TrainConfig, checked as a YAML config is (data come from memory: data.train is not read)."""
-    from megatron_bdlora.training import config as c
-
-    cfg = c.TrainConfig(
-        model=c.ModelSection(base=str(hf_dir), dtype=dtype),
-        parallel=c.ParallelSection(tp=1, micro_batch_size=sizes.micro_batch_size, global_batch_size=sizes.global_batch_size),
-        lora=c.LoRASection(**LORA),
-        optimizer=c.OptimizerSection(lr=LR, grad_clip=1.0),
-        schedule=c.ScheduleSection(train_steps=sizes.steps, warmup_steps=0),
-        deepspeed=c.DeepSpeedSection(zero_stage=ZERO_STAGE),
-        data=c.DataSection(train="(in memory)", valid=None, seq_length=sizes.seq_length),
-        checkpoint=c.CheckpointSection(every=0),
-        logging=c.LoggingSection(dir=str(log_dir), progress=False, dump_steps=list(dump_steps)),
+    cfg = TrainConfig(
+        model=ModelSection(base=str(hf_dir), dtype=dtype),
+        parallel=ParallelSection(tp=1, micro_batch_size=sizes.micro_batch_size,
+                                 global_batch_size=sizes.global_batch_size),
+        lora=LoRASection(**LORA),
+        optimizer=OptimizerSection(lr=LR, grad_clip=1.0),
+        schedule=ScheduleSection(train_steps=sizes.steps, warmup_steps=0),
+        deepspeed=DeepSpeedSection(zero_stage=ZERO_STAGE),
+        data=DataSection(train="(in memory)", valid=None, seq_length=sizes.seq_length),
+        checkpoint=CheckpointSection(every=0),
+        logging=LoggingSection(dir=str(log_dir), progress=False, dump_steps=list(dump_steps)),
         seed=SEED,
     )
-    c.check_config(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -153,9 +171,6 @@ def run_training(sizes: Sizes, dtype: str, hf_dir: Path, megatron_dir: Path, hf_
                  log_dir: Path, dump_steps: tuple[int, ...] = ()) -> dict[str, Any]:
     """`sizes.steps` optimizer steps of the trainer (a fresh Trainer: model, DeepSpeed engine, sampler), each timed;
     its step records, step times and peak device memory. dump_steps: written under log_dir/dump (see LoggingSection)."""
-    from megatron_bdlora.training.config import batch_layout
-    from megatron_bdlora.training.loop import PreparedRun, Trainer
-
     cfg = train_config(sizes, dtype, hf_dir, log_dir, dump_steps)
     layout = batch_layout(cfg, world_size=1)
     run = PreparedRun(cfg, hf_dir, megatron_dir, hf_config, tokenizer=None, train_data=examples, valid_data=None,
@@ -210,12 +225,6 @@ def check_gradients(log_dir: Path, hf_dir: Path, examples: Examples, sizes: Size
                     device: torch.device) -> list[dict[str, Any]]:
     """Per dumped step: the trainer's accumulated gradients, loss and gradient norm against transformers + PEFT's
     float64 gradient of that step's global batch (the trainer's own sampler), from the run's dumped weights."""
-    from transformers import LlamaForCausalLM
-
-    from megatron_bdlora.bench.peft_reference import mean_token_loss_gradients
-    from megatron_bdlora.checkpoint.adapters import load_native
-    from megatron_bdlora.training.data import GlobalBatchSampler, collate
-
     sampler = GlobalBatchSampler(len(examples), sizes.global_batch_size, sizes.global_batch_size, 0, 1, SEED)
     rows = []
     for step in DUMP_STEPS:
@@ -230,7 +239,8 @@ def check_gradients(log_dir: Path, hf_dir: Path, examples: Examples, sizes: Size
             step=step,
             loss_tokens_per_example=batch["loss_mask"].sum(1).int().tolist(),
             grad_rel_err=_rel(grads, want),
-            loss=record["loss"], reference_loss=want_loss, loss_rel_err=abs(record["loss"] - want_loss) / abs(want_loss),
+            loss=record["loss"], reference_loss=want_loss,
+            loss_rel_err=abs(record["loss"] - want_loss) / abs(want_loss),
             grad_norm=record["grad_norm"], reference_grad_norm=want_norm,
             grad_norm_rel_err=abs(record["grad_norm"] - want_norm) / want_norm,
         ))
@@ -252,9 +262,6 @@ def gpu_check_part(smoke: bool, budget_s: float) -> PartResult:
     smoke. The bf16 run is left out (with why) when its turn comes with less of the budget left than the float32 run
     took.
     """
-    from megatron_bdlora.bench.gpu_serving import exact_float32
-    from megatron_bdlora.bench.workload import single_process_group
-
     start = time.perf_counter()
     gpu = torch.cuda.is_available()
     if not gpu and not smoke:
@@ -273,9 +280,7 @@ def gpu_check_part(smoke: bool, budget_s: float) -> PartResult:
         """fn() or None: a crash of the reference or of the bf16 run is reported, the numbers before it kept."""
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001
-            import traceback
-
+        except Exception as exc:
             errors.append(f"{what} raised {type(exc).__name__}: {exc}")
             data.setdefault("tracebacks", {})[what] = traceback.format_exc()
             return None
@@ -326,10 +331,10 @@ def markdown(data: dict[str, Any]) -> str:
     """The part's tables: one row per dtype, one per checked gradient step."""
     s = data["sizes"]
     lines = [
-        f"Training on {data['device']}: the trainer's steps at TP=1, DeepSpeed ZeRO-{data['zero_stage']} + torch AdamW, "
-        f"random Llama {s['num_hidden_layers']} layers, hidden {s['hidden_size']}, vocab {s['vocab_size']}; BD-LoRA "
-        f"rank {data['lora']['rank']}, {data['lora']['nblocks']} blocks, all 7 projections; {s['global_batch_size']}"
-        f"x{s['seq_length']} tokens a step in {data['grad_accum']} micro-batches; TF32 off",
+        f"Training on {data['device']}: the trainer's steps at TP=1, DeepSpeed ZeRO-{data['zero_stage']} + torch "
+        f"AdamW, random Llama {s['num_hidden_layers']} layers, hidden {s['hidden_size']}, vocab {s['vocab_size']}; "
+        f"BD-LoRA rank {data['lora']['rank']}, {data['lora']['nblocks']} blocks, all 7 projections; "
+        f"{s['global_batch_size']}x{s['seq_length']} tokens a step in {data['grad_accum']} micro-batches; TF32 off",
         "",
         "| dtype | loss step 1 | loss last | step ms (median) | tokens/s | peak MiB | losses |",
         "|---|---|---|---|---|---|---|",
@@ -346,10 +351,12 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {dtype} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {1e3 * r['median_step_s']:.1f} "
                      f"(steps {r['timed_steps']}) | {r['tokens_per_s']:.0f} | {peak} | {losses} |")
     if data.get("gradient_checks"):
-        lines += ["", f"float32 vs transformers + PEFT in float64, relative errors (tolerance {data['grad_rtol']:.0e}):",
-                  "", "| step | gradients | loss | gradient norm |", "|---|---|---|---|"]
+        lines += ["", "float32 vs transformers + PEFT in float64, relative errors "
+                  f"(tolerance {data['grad_rtol']:.0e}):", "", "| step | gradients | loss | gradient norm |",
+                  "|---|---|---|---|"]
         for r in data["gradient_checks"]:
-            lines.append(f"| {r['step']} | {r['grad_rel_err']:.2e} | {r['loss_rel_err']:.2e} | {r['grad_norm_rel_err']:.2e} |")
+            lines.append(f"| {r['step']} | {r['grad_rel_err']:.2e} | {r['loss_rel_err']:.2e} "
+                         f"| {r['grad_norm_rel_err']:.2e} |")
     bf16 = data.get("bfloat16") or {}
     if "step1_rel_diff_vs_float32" in bf16:
         lines += ["", f"bfloat16 step-1 loss vs float32: {bf16['step1_rel_diff_vs_float32']:.2e} relative "

@@ -18,6 +18,7 @@ part with Markdown tables).
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -33,10 +34,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from megatron_bdlora.bench.report import PartResult  # noqa: E402
-from megatron_bdlora.lora_batch import FactorView, OutputLayout, SlotBatch, SlotViews  # noqa: E402
-from megatron_bdlora.ops import lora_expand, lora_shrink, use_backend  # noqa: E402
-from megatron_bdlora.sharding import ShardingPlan  # noqa: E402
+from megatron_bdlora.bench.report import PartResult
+from megatron_bdlora.lora_batch import FactorView, OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.ops import lora_expand, lora_shrink, use_backend
+from megatron_bdlora.sharding import ShardingPlan
 
 MODES = ("block_diagonal", "slora", "replicated")
 MODEL_SHAPES = {  # hidden, ffn, query heads, KV heads, head dim (the models' config.json)
@@ -80,7 +81,7 @@ class Case:
 
     def __init__(self, kind, mode, d_in, d_out, ranks, slot_ids, tp, dtype, device, seed):
         gen = torch.Generator(device).manual_seed(seed)  # drawn on the device: a sweep builds ~500 cases
-        rand = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+        rand = functools.partial(torch.randn, generator=gen, device=device)
         plans = [ShardingPlan.build(kind, mode, d_in, d_out, r, tp, nb) for r, nb in ranks]
         cap = max(plans, key=lambda p: p.rank)
         self.views_a = SlotViews(FactorView(*p.a.local_shape, p.a.local_blocks) for p in plans)
@@ -128,7 +129,8 @@ class Case:
         """Bytes one branch must move: active adapters' factors, x, z written and read, output read + written."""
         es = self.x.element_size()
         active = {s for s in self.slot_ids if s >= 0}
-        factors = sum(self.views_a[s].rows * self.views_a[s].cols + self.views_b[s].rows * self.views_b[s].cols for s in active)
+        factors = sum(self.views_a[s].rows * self.views_a[s].cols + self.views_b[s].rows * self.views_b[s].cols
+                      for s in active)
         n = len(self.slot_ids)
         out_cols = self.views_b[0].rows
         return es * (factors + n * self.x.shape[1] + n * (self.a.shape[1] + self.z_full.shape[1]) + 2 * n * out_cols)
@@ -262,7 +264,8 @@ def format_checks(rows: list[dict]) -> str:
     lines = [f"{'mode':15} {'kind':7} {'dtype':9} {'shrink err':>10} {'expand err':>10} {'tol':>8}  base rows  ok"]
     for r in rows:
         lines.append(f"{r['mode']:15} {r['kind']:7} {r['dtype']:9} {r['err_shrink']:10.2e} {r['err_expand']:10.2e} "
-                     f"{r['tolerance']:8.0e}  {'same' if r['base_rows_untouched'] else 'CHANGED':9}  {'yes' if r['ok'] else 'NO'}")
+                     f"{r['tolerance']:8.0e}  {'same' if r['base_rows_untouched'] else 'CHANGED':9}  "
+                     f"{'yes' if r['ok'] else 'NO'}")
     return "\n".join(lines)
 
 
@@ -271,8 +274,8 @@ def format_timings(rows: list[dict]) -> str:
     lines = [f"{'model':14} {'layer':9} {'mode':15} {'tok':>5} {'ad':>3} {'rank':>4} {'triton us':>9} {'torch us':>9} "
              f"{'x torch':>7} {'GB/s':>7} {'of copy':>7}"]
     for r in rows:
-        lines.append(f"{r['model']:14} {r['layer']:9} {r['mode']:15} {r['tokens']:5d} {r['adapters']:3d} {r['rank']:4d} "
-                     f"{r['triton_us']:9.1f} {r['torch_us']:9.1f} {r['speedup']:7.2f} {r['gbs']:7.0f} "
+        lines.append(f"{r['model']:14} {r['layer']:9} {r['mode']:15} {r['tokens']:5d} {r['adapters']:3d} "
+                     f"{r['rank']:4d} {r['triton_us']:9.1f} {r['torch_us']:9.1f} {r['speedup']:7.2f} {r['gbs']:7.0f} "
                      f"{100 * r['bandwidth_share']:6.0f}%")
     return "\n".join(lines)
 
@@ -324,7 +327,8 @@ def timings_markdown(rows: list[dict], copy_gbs: float, skipped: str) -> str:
     for r in sorted(rows, key=lambda r: order[r["model"], r["layer"]]):  # stable: then phase, shape, dtype
         if r["mode"] == "block_diagonal" and (r["phase"], r["tokens"], r["adapters"], r["rank"]) in REPRESENTATIVE:
             lines.append(f"| {r['model']} | {r['layer']} | {r['phase']} | {r['dtype']} | {r['tokens']} "
-                         f"| {r['adapters']} | {r['rank']} | {r['triton_us'] / 1e3:.3f} | {r['torch_us'] / 1e3:.3f} | {r['speedup']:.2f} "
+                         f"| {r['adapters']} | {r['rank']} | {r['triton_us'] / 1e3:.3f} | {r['torch_us'] / 1e3:.3f} "
+                         f"| {r['speedup']:.2f} "
                          f"| {r['gbs']:.0f} | {100 * r['bandwidth_share']:.0f}% |")
     lines += ["", "All measured points by mode (block_diagonal above):", "",
               "| phase | dtype | mode | points | median speed-up | min speed-up | median % of copy |",
@@ -372,7 +376,7 @@ def gpu_check_part(smoke: bool, budget_s: float, reps: int = 20,
         plan = timing_plan(timing_dtypes)
         data.update(timings=rows, points_planned=len(plan))
         try:
-            import triton
+            import triton  # lazy: optional (CPU builds of torch come without it); missing, it is a timing error
 
             data["triton"] = triton.__version__
             data["copy_gbs"] = copy_bandwidth(device)

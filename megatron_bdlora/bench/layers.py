@@ -17,10 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from megatron_bdlora.bench.environment import machine, package_versions, usable_cpu_count
 from megatron_bdlora.bench.results import write_json
 from megatron_bdlora.bench.tables import collectives_label, fixed_width_table
+from megatron_bdlora.comm_count import count_collectives
 from megatron_bdlora.config import LoRASettings
 from megatron_bdlora.local_ranks import run_distributed
 from megatron_bdlora.param_count import count_parameters, match_bd_rank
@@ -52,6 +54,8 @@ def pair_parameters(mode: str, d_model: int, d_ffn: int, rank: int, tp: int) -> 
 
 def _build_pair(mode: str | None, rank: int, args: dict, tp: int) -> list[torch.nn.Module]:
     """Column d_model->d_ffn and row d_ffn->d_model on this rank, with or without an adapter."""
+    # lazy: megatron-core (seconds, warnings on import) loads in the ranks only; tools/bench_layers.py imports this
+    # module before it parses its flags
     from megatron.core import ModelParallelConfig
 
     from megatron_bdlora.layers import LoRALayerSpec, make_parallel_linear
@@ -106,10 +110,6 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def bench_worker(info: Any, args: dict, ranks: dict) -> dict:
     """On one TP rank: per-variant forward / forward+backward times, collective counts, stored parameters."""
-    from tqdm import tqdm
-
-    from megatron_bdlora.comm_count import count_collectives
-
     dtype = DTYPES[args["dtype"]]
     tp = info.tp_size
     pairs = {}

@@ -9,6 +9,7 @@ TP / DP / accumulation split (tests/test_train_gradients.py, megatron_bdlora/ben
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megatron_bdlora.config import COLUMN_TARGETS, ROW_TARGETS, LoRASettings
 from megatron_bdlora.targets import llama_projections
@@ -18,6 +19,7 @@ Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, pr
 
 def peft_model(hf_model: torch.nn.Module, settings: LoRASettings, factors: Factors) -> torch.nn.Module:
     """transformers + PEFT with exactly these factors (BD config when the settings are block-diagonal)."""
+    # lazy: peft takes seconds to import (it pulls in transformers' models) and only the reference needs it
     from peft import BdLoraConfig, LoraConfig, get_peft_model, set_peft_model_state_dict
 
     kwargs = {}
@@ -56,8 +58,6 @@ def mean_token_loss_gradients(
     batch: the trainer's collated global batch (`input_ids`, `labels`, `loss_mask`, each [b, s]; labels[t] is the
     token after input_ids[t], loss_mask[t] whether it counts). The model is changed (the adapter is added).
     """
-    import torch.nn.functional as F
-
     device = next(hf_model.parameters()).device
     model = peft_model(hf_model, settings, factors)
     logits = model(input_ids=batch["input_ids"].to(device)).logits

@@ -8,6 +8,7 @@ from typing import Any
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (PNG files, no display needed); imported here, when a plot is asked for."""
+    # lazy: matplotlib is optional (the GPU check's wheelhouse leaves it out) and only plots need it
     import matplotlib
 
     matplotlib.use("Agg")

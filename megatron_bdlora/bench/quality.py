@@ -38,9 +38,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from megatron_bdlora.base_models import resolve_hf_base
 from megatron_bdlora.bench.environment import machine, package_versions, repo_root
 from megatron_bdlora.bench.plots import pyplot, save_figure
 from megatron_bdlora.bench.results import write_json
+from megatron_bdlora.checkpoint.peft import export_peft_directory
+from megatron_bdlora.param_count import count_parameters, match_bd_rank
+from megatron_bdlora.training.config import load_config
 
 ROOT = repo_root()  # CONFIG and the tasks' data files are relative to the checkout; training runs there
 
@@ -155,8 +163,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def comparison_methods(hf_config: Any, targets: list[str], nblocks: int, lora_rank: int) -> list[Method]:
     """LoRA at lora_rank, BD at the parameter-matched rank, BD at twice the matched rank (twice its parameters)."""
-    from megatron_bdlora.param_count import count_parameters, match_bd_rank
-
     lora = count_parameters(hf_config, targets, "replicated", lora_rank)
     matched = match_bd_rank(hf_config, targets, nblocks, lora_rank)
     methods = [Method(f"lora-r{lora_rank}", f"LoRA r={lora_rank}", "replicated", lora_rank, None, lora, 1.0)]
@@ -241,8 +247,6 @@ def lm_windows(path: Path, tokenizer: Any, length: int) -> Any:
     Documents are split at form feeds as the data README defines them; this is the trainer's packing, written
     out here so that the evaluation does not import it (its first windows are the trainer's valid examples).
     """
-    import torch
-
     docs = [d.strip("\n") for d in path.read_text(encoding="utf-8").split("\f") if d.strip()]
     stream: list[int] = []
     for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
@@ -262,9 +266,6 @@ def spaced_indices(n: int, count: int) -> list[int]:
 
 def window_nlls(model: Any, windows: Any, batch: int) -> list[float]:
     """Mean next-token negative log-likelihood of each window (all windows have the same number of targets)."""
-    import torch
-    import torch.nn.functional as F
-
     out: list[float] = []
     with torch.no_grad():
         for start in range(0, len(windows), batch):
@@ -291,8 +292,6 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], batch: int, m
 
     Prompts are batched in order of length (less padding); answers come back in the prompts' order.
     """
-    import torch
-
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              for p in prompts]
@@ -314,6 +313,8 @@ class Evaluator:
     """Scores the HF base model, alone or with a PEFT adapter, on one task; the eval data are built once."""
 
     def __init__(self, args: argparse.Namespace, hf_dir: Path) -> None:
+        # lazy (transformers and peft, here and in load): seconds to import, and tools/compare_quality.py imports this
+        # module before it parses its flags
         from transformers import AutoTokenizer
 
         self.args, self.hf_dir = args, hf_dir
@@ -340,7 +341,6 @@ class Evaluator:
 
     def load(self, peft_dir: Path | None) -> Any:
         """A fresh float32 HF base model with the PEFT adapter attached (merged into the weights unless --no-merge)."""
-        import torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(self.hf_dir, dtype=torch.float32)
@@ -481,9 +481,6 @@ def cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 def run_one(args: argparse.Namespace, evaluator: Evaluator, task: Task, method: Method, seed: int,
             work: Path) -> dict[str, Any]:
     """Train (unless done), export to PEFT, score; the stored result makes a rerun skip all of it."""
-    from megatron_bdlora.checkpoint.peft import export_peft_directory
-    from megatron_bdlora.training.config import load_config
-
     run_dir = work / task.name / method.name / f"seed{seed}"
     log_dir = run_dir / "train"
     overrides = train_overrides(args, task, method, seed, log_dir)
@@ -525,8 +522,6 @@ def run_one(args: argparse.Namespace, evaluator: Evaluator, task: Task, method: 
 
 def machine_record() -> dict[str, Any]:
     """Where the numbers come from (the result's "machine")."""
-    import torch
-
     host, versions = machine(), package_versions(("transformers", "peft"))
     return {"platform": host["platform"], "processor": platform.processor() or platform.machine(),
             "cpu_count": host["cpu_count"], "python": host["python"], "torch": torch.__version__,
@@ -536,12 +531,6 @@ def machine_record() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the whole comparison (resuming finished runs), write the JSON and the plot, print the table."""
     args = parse_args(argv)
-    import torch
-    from tqdm import tqdm
-
-    from megatron_bdlora.base_models import resolve_hf_base
-    from megatron_bdlora.training.config import load_config
-
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out, work = Path(args.out), Path(args.work_dir).resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,8 +39,6 @@ def run_part(name: str, fn: Callable[[], PartResult], budget_s: float, min_s: fl
     try:
         result = fn()
     except Exception as exc:  # one broken part must not hide the others' numbers
-        import traceback
-
         result = PartResult(name, "error", f"{type(exc).__name__}: {exc}", data={"traceback": traceback.format_exc()})
     result.seconds = round(time.perf_counter() - start, 1)
     return result

@@ -67,6 +67,9 @@ from megatron_bdlora.bench.serving_setup import (
     write_adapters,
 )
 from megatron_bdlora.bench.workload import B_STD
+from megatron_bdlora.checkpoint.peft import export_peft_directory
+from megatron_bdlora.local_ranks import free_port, run_distributed
+from megatron_bdlora.parallel import destroy_parallel, init_parallel
 from megatron_bdlora.param_count import BUILTIN_CONFIGS
 
 
@@ -212,9 +215,6 @@ def run(args: argparse.Namespace) -> dict:
     # this benchmark measures the CPU/gloo path: keep every rank off any GPU (init_parallel picks nccl with CUDA)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from megatron_bdlora.checkpoint.peft import export_peft_directory
-    from megatron_bdlora.local_ranks import free_port, run_distributed
-
     env = environment(args.threads)  # before the run: the code that runs is the code recorded
     hf_dir, meg_dir = prepare_base(args)
     hf_config = json.loads((meg_dir / "config.json").read_text())
@@ -237,8 +237,6 @@ def run(args: argparse.Namespace) -> dict:
                         seed=args.seed),
         )
         if args.tp == 1:  # in this process, with --threads threads
-            from megatron_bdlora.parallel import destroy_parallel, init_parallel
-
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
             info = init_parallel(tp_size=1)

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from megatron_bdlora.bench.serving_setup import PEFT
 from megatron_bdlora.bench.workload import PeftBatcher
+from megatron_bdlora.inference.requests import GenerationParams
+from megatron_bdlora.inference.serving_config import ServingConfig
 
 # known-harmless noise from every rank (CPU build without Transformer Engine; megatron's older c10d names)
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -54,8 +57,6 @@ def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapte
     adapters[i]: the adapter of request i (None: the base model). Rank 0 returns per-request times (s from the
     start), tokens, engine steps and, with `count`, the collectives of the first decode-only step.
     """
-    from megatron_bdlora.inference.requests import GenerationParams
-
     forwards0, decode0 = probe.forwards, probe.decode_forwards
     loop.count_collectives = count
     decode_collectives = None
@@ -126,9 +127,9 @@ def warmup_requests(workload: list[dict], count: int) -> list[dict]:
 
 def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict[str, str]) -> dict | None:
     """On one TP rank: build a loop per mode, warm each system up, replay the workload --repeats times."""
-    from tqdm import tqdm
-
-    from megatron_bdlora.inference.serving_loop import ServingConfig, ServingLoop
+    # lazy: megatron-core (seconds, warnings on import) loads in the ranks only; tools/bench_serving.py imports this
+    # module before it parses its flags
+    from megatron_bdlora.inference.serving_loop import ServingLoop
 
     torch.set_num_threads(spec["threads"])
     specs, names = spec["systems"], spec["names"]

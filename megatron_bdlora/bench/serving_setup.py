@@ -12,6 +12,7 @@ import argparse
 import random
 from pathlib import Path
 
+from megatron_bdlora.base_models import EMBEDDED, ensure_megatron_base, resolve_hf_base
 from megatron_bdlora.bench.workload import write_random_adapter
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.param_count import match_bd_rank
@@ -61,8 +62,6 @@ def random_config_from_flags(args: argparse.Namespace) -> dict:
 
 def prepare_base(args: argparse.Namespace) -> tuple[Path, Path]:
     """(HF directory, megatron checkpoint at --tp) of the base model, from the project cache."""
-    from megatron_bdlora.base_models import EMBEDDED, ensure_megatron_base, resolve_hf_base
-
     if args.model == "smollm2":
         hf_dir = resolve_hf_base(EMBEDDED)
     else:
@@ -108,8 +107,8 @@ def system_specs(args: argparse.Namespace, variants: dict) -> dict[str, dict]:
 
 def adapter_names(variants: dict, num_adapters: int) -> dict[str, list[str]]:
     """variant -> the names of its K adapters (a0, a1, ... when there is one variant)."""
-    prefix = (lambda v: "") if len(variants) == 1 else (lambda v: f"{v}-")  # noqa: E731
-    return {v: [f"{prefix(v)}a{k}" for k in range(num_adapters)] for v in variants}
+    prefix = {v: "" if len(variants) == 1 else f"{v}-" for v in variants}
+    return {v: [f"{prefix[v]}a{k}" for k in range(num_adapters)] for v in variants}
 
 
 def write_adapters(root: Path, hf_config: dict, args: argparse.Namespace, variants: dict) -> dict[str, str]:

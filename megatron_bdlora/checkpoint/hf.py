@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
+from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.sharding import LayerKind
 from megatron_bdlora.targets import cfg_field, check_tp_layout, llama_projections
 
@@ -261,7 +261,12 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _check_tensors(where: str, expected: dict[str, tuple[int, ...]], files: _TensorFiles, ignored: frozenset[str] | set[str] = frozenset()) -> None:
+def _check_tensors(
+    where: str,
+    expected: dict[str, tuple[int, ...]],
+    files: _TensorFiles,
+    ignored: frozenset[str] | set[str] = frozenset(),
+) -> None:
     """Names and shapes must match exactly (tensors in `ignored` may also be present); every mismatch is named."""
     present = set(files.names())
     missing = sorted(set(expected) - present)
@@ -366,7 +371,9 @@ def convert_hf_to_megatron(
         for lay in table:
             dtypes = {src.dtype(name) for name in lay.hf}
             if len(dtypes) > 1:
-                raise CheckpointError(f"tensors {', '.join(lay.hf)} fused into {lay.megatron} differ in dtype: {sorted(dtypes)}")
+                raise CheckpointError(
+                    f"tensors {', '.join(lay.hf)} fused into {lay.megatron} differ in dtype: {sorted(dtypes)}"
+                )
         vocab = config["vocab_size"]
         meta = {
             "format": FORMAT,
@@ -380,7 +387,8 @@ def convert_hf_to_megatron(
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             _copy_config_and_aux(hf_dir, tmp)
             _write_json(tmp / "meta.json", meta)
-            with tqdm(total=tp * len(table), desc=f"HF -> megatron (tp={tp})", unit="tensor", disable=not progress) as bar:
+            with tqdm(total=tp * len(table), desc=f"HF -> megatron (tp={tp})", unit="tensor",
+                      disable=not progress) as bar:
                 for rank in range(tp):
                     state = {}
                     for lay in table:

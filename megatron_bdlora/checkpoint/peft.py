@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.checkpoint.adapters import (
     PEFT_CONFIG_NAME,
@@ -37,6 +36,7 @@ from megatron_bdlora.checkpoint.adapters import (
 )
 from megatron_bdlora.checkpoint.reshard import convert_factors, target_settings
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
+from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.sharding import Mode
 from megatron_bdlora.targets import llama_projections
 
@@ -83,7 +83,7 @@ def peft_weight_key(layer: int, proj: str, factor: str, hf_config: Any) -> str:
 
 def peft_config(ckpt: AdapterCheckpoint, base_model_name: str | None = None) -> dict[str, Any]:
     """adapter_config.json content, built by PEFT's own LoraConfig (BdLoraConfig in block-diagonal mode)."""
-    import peft  # heavy (pulls in transformers): only the exporter needs it
+    import peft  # lazy: seconds to import (it pulls in transformers), and only the exporter needs it
 
     s = ckpt.settings
     bd = None
@@ -222,7 +222,7 @@ def _check_supported(cfg: dict[str, Any], path: Path, num_layers: int) -> None:
 def _resolve_targets(cfg: dict[str, Any], path: Path, shape: dict[str, int]) -> tuple[str, ...]:
     """The projections target_modules selects (PEFT's matching rules), the same in every layer."""
     num_layers = shape["num_hidden_layers"]
-    names = {(l, p): peft_module_name(l, p, shape) for l in range(num_layers) for p in ALL_TARGETS}
+    names = {(layer, p): peft_module_name(layer, p, shape) for layer in range(num_layers) for p in ALL_TARGETS}
     tm = cfg["target_modules"]
     if isinstance(tm, str):
         matched = set(names) if tm == "all-linear" else {k for k, n in names.items() if re.fullmatch(tm, n)}
@@ -240,7 +240,7 @@ def _resolve_targets(cfg: dict[str, Any], path: Path, shape: dict[str, int]) -> 
                     f"{list(ALL_TARGETS)}"
                 )
             matched |= hits
-    per_layer = [canonical_targets([p for (l, p) in matched if l == layer]) for layer in range(num_layers)]
+    per_layer = [canonical_targets([p for (i, p) in matched if i == layer]) for layer in range(num_layers)]
     if any(t != per_layer[0] for t in per_layer):
         raise AdapterCheckpointError(
             f"{path}: target_modules {tm!r} adapts different projections in different layers; native adapters "

@@ -5,11 +5,11 @@ flash-attn >= 2.7.3 (or FA3) and call its paged kernels in `Attention.flash_deco
 a source-only package, so hosts without a build of it get a torch attention instead, decided once per process
 by `apply_inference_fallbacks()` (called first thing by `dynamic.build_dynamic_engine`):
 
-| CUDA | flash-attn usable (FA3 or FA2 >= 2.7.3) | path (returned, logged once)             | patched                         |
-|------|-----------------------------------------|------------------------------------------|---------------------------------|
-| yes  | yes                                     | "flash-attn"                             | nothing                         |
-| yes  | no                                      | "torch-paged (CUDA, flash-attn missing)" | version assertion + attention * |
-| no   | (not asked)                             | "torch-cpu"                              | all the stand-ins below         |
+| CUDA | usable flash-attn (FA3, FA2>=2.7.3) | path (returned, logged once)             | patched                     |
+|------|-------------------------------------|------------------------------------------|-----------------------------|
+| yes  | yes                                 | "flash-attn"                             | nothing                     |
+| yes  | no                                  | "torch-paged (CUDA, flash-attn missing)" | version check + attention * |
+| no   | (not asked)                         | "torch-cpu"                              | all the stand-ins below     |
 
 * `Attention.flash_decode_and_prefill` = `paged_attention.paged_attention` (vectorised, no host sync, graph-safe).
 
@@ -29,6 +29,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from megatron.core.inference.contexts import dynamic_context
+from megatron.core.inference.engines import dynamic_engine
+from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
+from megatron.core.transformer import attention
+from megatron.core.utils import is_fa_min_version  # megatron's, not attention's (patched below)
 from torch import Tensor
 
 from megatron_bdlora.inference.paged_attention import paged_attention as vectorised_paged_attention
@@ -55,9 +60,6 @@ def _cuda_available() -> bool:
 def _flash_attn_ok() -> bool:
     """megatron's own condition for dynamic batching: FA3 imported, or flash-attn's kernels and version >= 2.7.3."""
     try:
-        from megatron.core.transformer import attention
-        from megatron.core.utils import is_fa_min_version  # megatron's, not attention's (patched below)
-
         if attention.HAVE_FA3:
             return True
         if attention.flash_attn_varlen_func is None or attention.flash_attn_with_kvcache is None:
@@ -95,8 +97,6 @@ def apply_inference_fallbacks() -> str:
 
 def _patch_attention(flash_decode_and_prefill) -> None:
     """Replace megatron's flash-attn paged attention and drop its flash-attn version assertion."""
-    from megatron.core.transformer import attention
-
     # the flash-attn >= 2.7.3 assertion for dynamic batching (its only use in attention.py)
     attention.is_fa_min_version = lambda version, *args, **kwargs: True
     # flash-attn varlen / kvcache kernels over the paged cache
@@ -105,12 +105,6 @@ def _patch_attention(flash_decode_and_prefill) -> None:
 
 def _patch_cuda_only_calls() -> None:
     """CPU stand-ins for the CUDA-only calls of megatron's inference stack (besides attention)."""
-    from megatron.core.inference.contexts import dynamic_context
-    from megatron.core.inference.engines import dynamic_engine
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController,
-    )
-
     # NVTX ranges: dynamic_engine imported range_push/range_pop by name; inference_request calls torch.cuda.nvtx.*
     dynamic_engine.range_push = torch.cuda.nvtx.range_push = _no_op
     dynamic_engine.range_pop = torch.cuda.nvtx.range_pop = _no_op

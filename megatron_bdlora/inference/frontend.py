@@ -123,7 +123,7 @@ class OpenAIFrontEnd:
         try:
             ids = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
-        except Exception as err:  # noqa: BLE001 - the template is the judge of a conversation's shape; any failure is the input's
+        except Exception as err:  # the template is the judge of a conversation's shape; any failure is the input's
             raise APIError(400, f"messages do not fit the model's chat template: {err}", "messages") from None
         if isinstance(ids, Mapping):
             ids = ids["input_ids"]
@@ -297,7 +297,7 @@ class OpenAIFrontEnd:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name")
         try:
             await run_in_threadpool(self.loop.load_adapter, name, path)
-        except Exception as err:  # noqa: BLE001 - reading the adapter failed: the path is at fault, unless the engine died
+        except Exception as err:  # reading the adapter failed: the path is at fault, unless the engine died
             if not self.loop.healthy():
                 raise APIError(503, f"the serving engine stopped: {err}") from None
             detail = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"

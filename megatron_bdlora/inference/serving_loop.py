@@ -17,7 +17,6 @@ import json
 import queue
 import random
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,31 +24,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core.inference import inference_request as ir
+from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+from megatron.core.inference.sampling_params import SamplingParams
+from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+from transformers import AutoTokenizer
 
+from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
+from megatron_bdlora.comm_count import count_collectives
+from megatron_bdlora.inference import adapter_slots
+from megatron_bdlora.inference.megatron_engine import build_dynamic_engine
+from megatron_bdlora.inference.pool import AdapterPool
 from megatron_bdlora.inference.requests import GenerationParams, GenerationRequest, TokenEvent
+from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingController
+from megatron_bdlora.inference.serving_config import ServingConfig
+from megatron_bdlora.layers import LoRAAdapter, LoRAParallelLinear
+from megatron_bdlora.lora_batch import SlotBatch
+from megatron_bdlora.model import build_model, load_base_state_dict
 
 GRAPH_MAX_BLOCKS = 8  # block-diagonal blocks per rank that CUDA-graph launches are sized for (checked at load)
 HEARTBEAT_S = 0.5  # an idle rank 0 still broadcasts this often, so followers never wait on a dead collective
-
-
-@dataclass
-class ServingConfig:
-    """What a server runs: base checkpoint, sharding mode, adapters, pool and engine sizes."""
-
-    megatron_dir: Path
-    mode: str = "block_diagonal"
-    adapters: dict[str, str] = field(default_factory=dict)
-    max_loras: int = 4
-    max_cpu_loras: int | None = None
-    max_lora_rank: int = 64
-    max_model_len: int = 2048
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    kv_cache_gb: float = 0.5
-    block_size: int = 64
-    dtype: str = "float32"
-    seed: int = 0
-    cuda_graphs: bool = False  # decode steps replayed from megatron's CUDA graphs (GPU only)
 
 
 # ---------------------------------------------------------------- messages from rank 0 to every rank
@@ -110,8 +104,6 @@ class _Live:
 def _track_lora_slot() -> None:
     """Make `lora_slot` a tracked per-request engine field that survives eviction (megatron 0.16 drops added
     sampling attributes when it checkpoints an evicted request)."""
-    from megatron.core.inference import inference_request as ir
-
     if getattr(ir.DynamicInferenceRequest, "_bdlora_slot_tracked", False):
         return
     base_types = ir.DynamicInferenceRequest.get_metadata_types
@@ -127,8 +119,6 @@ def _track_lora_slot() -> None:
         self[-1].sampling_params.add_attributes({"lora_slot": slot})
 
     # requests made by megatron itself (the dummy requests of CUDA-graph capture) use no adapter
-    from megatron.core.inference.sampling_params import SamplingParams
-
     SamplingParams.lora_slot = -1
     ir.DynamicInferenceRequest.get_metadata_types = staticmethod(get_metadata_types)
     ir.DynamicInferenceRequestRecord.checkpoint = checkpoint
@@ -139,12 +129,6 @@ class ServingLoop:
     """One TP rank's serving state; rank 0 also owns the request queues (thread-safe calls below)."""
 
     def __init__(self, config: ServingConfig, info: Any, model: torch.nn.Module, tokenizer: Any) -> None:
-        from megatron_bdlora.inference.adapter_slots import load_host_adapter, write_slot
-        from megatron_bdlora.inference.megatron_engine import build_dynamic_engine
-        from megatron_bdlora.inference.pool import AdapterPool
-        from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingController
-        from megatron_bdlora.layers import LoRAParallelLinear
-
         _track_lora_slot()
         self.config, self.info, self.model, self.tokenizer = config, info, model, tokenizer
         self.is_leader = info.rank == 0
@@ -159,7 +143,7 @@ class ServingLoop:
         if config.cuda_graphs:
             self._prepare_cuda_graphs(model)
         for slot in range(config.max_loras):
-            write_slot(model, slot, None)
+            adapter_slots.write_slot(model, slot, None)
         self.engine = build_dynamic_engine(
             model,
             tokenizer,
@@ -177,15 +161,17 @@ class ServingLoop:
         self.engine.controller.samplers = self.samplers
 
         def load_host(name: str, path: str):
-            return load_host_adapter(name, path, self.hf_config, info.tp_size, info.tp_rank, config.mode, config.max_lora_rank)
+            return adapter_slots.load_host_adapter(
+                name, path, self.hf_config, info.tp_size, info.tp_rank, config.mode, config.max_lora_rank
+            )
 
         self._load_host = load_host
         self.pool = AdapterPool(
             config.max_loras,
             config.max_cpu_loras or config.max_loras,  # vLLM's default; adapters beyond it are re-read when needed
             load_host,
-            lambda slot, host: write_slot(model, slot, host),
-            lambda slot: write_slot(model, slot, None),
+            lambda slot, host: adapter_slots.write_slot(model, slot, host),
+            lambda slot: adapter_slots.write_slot(model, slot, None),
         )
         for name, path in config.adapters.items():
             self.pool.register(name, str(path))
@@ -213,10 +199,6 @@ class ServingLoop:
         """What megatron's CUDA graphs need from us (beyond build_model's graph-safe RNG tracker): no graphs of an
         earlier engine in its process-wide record, and LoRA kernel launches sized for the slots' capacity
         (adapters are loaded after the capture)."""
-        from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
-
-        from megatron_bdlora.layers import LoRAAdapter
-
         delete_cuda_graphs()  # megatron keeps graphs in one process-wide record: an earlier engine's would be replayed
         for module in model.modules():
             if isinstance(module, LoRAAdapter):
@@ -225,23 +207,15 @@ class ServingLoop:
     @staticmethod
     def _token_budget(requested: int, tp: int) -> int:
         """Tokens per step, rounded up to what megatron pads a step to (a multiple of 64 and of TP)."""
-        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
-
         return DynamicInferenceContext.round_up_tokens(requested, tp)
 
     @classmethod
     def create(cls, config: ServingConfig, info: Any) -> "ServingLoop":
         """Build the model with `max_loras` adapter slots, load this rank's base shards, start the engine."""
-        from transformers import AutoTokenizer
-
-        from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
-        from megatron_bdlora.inference.adapter_slots import serving_settings
-        from megatron_bdlora.model import build_model, load_base_state_dict
-
         if config.cuda_graphs and not torch.cuda.is_available():
             raise ValueError("cuda_graphs (--cuda-graphs on) needs a CUDA GPU; this host has none")
         hf_config = json.loads((Path(config.megatron_dir) / "config.json").read_text())
-        settings = serving_settings(config.mode, info.tp_size, config.max_lora_rank)
+        settings = adapter_slots.serving_settings(config.mode, info.tp_size, config.max_lora_rank)
         model = build_model(hf_config, info.tp_size, settings, config.dtype, slots=config.max_loras,
                             cuda_graphs=config.cuda_graphs).to(info.device)  # built on the host (megatron's CPU init)
         load_base_state_dict(model, load_megatron_rank_state(Path(config.megatron_dir), info.tp_rank, info.tp_size))
@@ -425,8 +399,6 @@ class ServingLoop:
     def _admit(self) -> None:
         """Move waiting requests into the engine as their adapters get slots (FIFO per adapter; a request whose
         adapter cannot get a slot now waits without blocking requests for resident adapters)."""
-        from megatron.core.inference.sampling_params import SamplingParams
-
         blocked: set[str] = set()
         still = deque()
         for req in self.waiting:
@@ -451,8 +423,6 @@ class ServingLoop:
 
     def _engine_step(self) -> None:
         if self.count_collectives:
-            from megatron_bdlora.comm_count import count_collectives
-
             with count_collectives() as counts:
                 result = self.engine.step_modern()
             self.step_collectives = counts
@@ -523,8 +493,6 @@ class ServingLoop:
     # ---------------------------------------------------------------- rank 0: events to the requests' queues
     def _set_step_slots(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: per-token adapter slots of this step, grouped once for every LoRA layer."""
-        from megatron_bdlora.lora_batch import SlotBatch
-
         ctx = kwargs.get("inference_context") or self.engine.context  # (no engine yet while it captures graphs)
         input_ids = args[0] if args else kwargs["input_ids"]  # [1, padded tokens]
         n, padded = ctx.active_token_count, input_ids.shape[-1]
@@ -532,7 +500,8 @@ class ServingLoop:
         if padded > n:
             slots = torch.cat([slots, slots.new_full((padded - n,), -1)])
         if self._slot_buffers is None or self._slot_buffers.order.numel() < padded:
-            self._slot_buffers = SlotBatch.buffers(max(padded, self.max_step_tokens), self.config.max_loras, slots.device)
+            size = max(padded, self.max_step_tokens)
+            self._slot_buffers = SlotBatch.buffers(size, self.config.max_loras, slots.device)
         batch = SlotBatch.from_slot_ids(slots, self.config.max_loras, self._slot_buffers)  # fixed addresses
         for layer in self._lora_layers:
             layer.set_lora_slots(batch)
@@ -572,7 +541,9 @@ class ServingLoop:
         if record is None:  # stopped by us before the engine finished it: free its engine slot too
             self._inbox.put(CancelRequest(rid))
 
-    def _event(self, live: _Live, tokens: tuple[int, ...], text: str, finish: str | None = None, error: str | None = None) -> TokenEvent:
+    def _event(
+        self, live: _Live, tokens: tuple[int, ...], text: str, finish: str | None = None, error: str | None = None
+    ) -> TokenEvent:
         return TokenEvent(
             live.request.request_id, tokens, text, finish is not None, finish, error,
             len(live.request.prompt_ids), len(live.tokens),

@@ -15,6 +15,8 @@ import yaml
 
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.config_file import ConfigError, build_section
+from megatron_bdlora.training.checkpoint import check_resume_layout
+from megatron_bdlora.training.data import require_data_file
 
 
 @dataclass
@@ -157,6 +159,21 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
         )
     grad_accum = p.global_batch_size // (p.micro_batch_size * dp)
     return BatchLayout(world_size, p.tp, dp, p.micro_batch_size, grad_accum, p.global_batch_size, cfg.data.seq_length)
+
+
+def check_run_files(cfg: TrainConfig, world_size: int, resume: bool) -> BatchLayout:
+    """The run's checks that read no model (layout, checkpoint to resume, data files), so the trainer's command line
+    answers them before its heavy imports; raises ConfigError / FileNotFoundError."""
+    layout = batch_layout(cfg, world_size)
+    if resume:
+        try:
+            check_resume_layout(cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints", layout.tp, layout.dp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    for key, path in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        if path is not None:
+            require_data_file(path, key)
+    return layout
 
 
 def _set_path(raw: dict, dotted: str, value: Any) -> None:

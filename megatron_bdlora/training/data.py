@@ -47,7 +47,8 @@ def require_data_file(path: str | os.PathLike, key: str) -> None:
     if path.is_file():
         return
     dataset = path.parent.name
-    if dataset in DEMO_DATASETS and path.name in {f"{split}{_SUFFIX[DEMO_DATASETS[dataset]]}" for split in ("train", "valid")}:
+    demo = DEMO_DATASETS.get(dataset)
+    if demo is not None and path.name in {f"{split}{_SUFFIX[demo]}" for split in ("train", "valid")}:
         how = f"make it with `python tools/prepare_data.py --out-dir {path.parent.parent}` (the demo corpora)"
     else:
         how = ("point it at your own file: plain text for data.format=text, or JSONL chat records "
@@ -71,7 +72,8 @@ def load_examples(path: str | os.PathLike, fmt: str, tokenizer: Any, seq_length:
         columns = _pack_text(path, tokenizer, seq_length)
     else:
         columns = _chat_examples(path, tokenizer, seq_length)
-    import datasets  # only here: the trainer's other imports of this module (sampler, collate) run without it
+    # lazy: the GPU check's wheelhouse leaves datasets out; the trainer's imports of this module run without it
+    import datasets
 
     dataset = datasets.Dataset.from_dict(
         columns,

@@ -12,6 +12,7 @@ import math
 import sys
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_bdlora.training.config import TrainConfig
 
@@ -20,8 +21,6 @@ class MegatronMPU:
     """The model-parallel interface DeepSpeed asks for, answered from megatron's parallel_state."""
 
     def __init__(self) -> None:
-        from megatron.core import parallel_state
-
         self._ps = parallel_state
 
     def get_model_parallel_rank(self) -> int:
@@ -80,6 +79,8 @@ def _skip_cpu_shm_build() -> None:
     """On CPU DeepSpeed JIT-compiles a shared-memory comm op at first init (~75 s); gloo does not need it."""
     if torch.cuda.is_available():
         return
+    # lazy (deepspeed, here and below): its import probes the accelerators and prints a warning on stdout on CPU
+    # hosts; only building an engine needs it
     import deepspeed.comm.torch  # noqa: F401  (module must be loaded to patch it)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None

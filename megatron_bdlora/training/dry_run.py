@@ -59,10 +59,12 @@ def base_config(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
     else:
         raise ConfigError(
             f"model.base={base!r}: {directory}/config.json does not exist here and the name matches no built-in shape "
-            f"({', '.join(BUILTIN_CONFIGS)}); for a dry run, point model.base at a directory holding the base's config.json"
+            f"({', '.join(BUILTIN_CONFIGS)}); for a dry run, point model.base at a directory holding the base's "
+            "config.json"
         )
     if cfg.model.random_config:
-        from transformers import LlamaConfig  # only here: fills LlamaConfig's defaults as the trainer's model gets them
+        # lazy: transformers' LlamaConfig takes seconds to import and only a random base needs it (the dry run is quick)
+        from transformers import LlamaConfig  # fills LlamaConfig's defaults as the trainer's model gets them
 
         hf_config = LlamaConfig(**random_base_config(hf_config, cfg.model.random_config)).to_dict()
         source += " + model.random_config"
@@ -148,7 +150,8 @@ def activation_bytes(shape: dict, plan: list[dict], layout: BatchLayout) -> int:
     lora_inputs = {"linear_qkv": h, "linear_proj": attn, "linear_fc1": h, "linear_fc2": f // t}
     lora = {}  # adapted megatron layer -> per-token elements it saves (input + intermediates)
     for row in plan:
-        lora[row["megatron_layer"]] = lora.get(row["megatron_layer"], lora_inputs[row["megatron_layer"]]) + row["rank_in"]
+        layer = row["megatron_layer"]
+        lora[layer] = lora.get(layer, lora_inputs[layer]) + row["rank_in"]
     scores = b * (heads // t) * s * s * (4 + (w if w < 4 else 0))
     norm = w * s * b * (h + 1)
     rope = w * 4 * s * shape["head_dim"]
@@ -295,15 +298,17 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"model      {r['config_source']}",
         f"           {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads / "
-        f"{m['num_key_value_heads']} KV heads of {m['head_dim']}, ffn {m['intermediate_size']}, vocab {m['vocab_size']} "
-        f"(padded {m['padded_vocab_size']}), {'tied' if m['tie_word_embeddings'] else 'untied'} embeddings, {m['dtype']}",
+        f"{m['num_key_value_heads']} KV heads of {m['head_dim']}, ffn {m['intermediate_size']}, "
+        f"vocab {m['vocab_size']} (padded {m['padded_vocab_size']}), "
+        f"{'tied' if m['tie_word_embeddings'] else 'untied'} embeddings, {m['dtype']}",
         f"           RoPE theta {m['rope_theta']:g}{rope}",
         f"parallel   world {b['world_size']} = TP {b['tp']} x DP {b['dp']}, DeepSpeed ZeRO-{r['zero_stage']}",
         f"batch      micro {b['micro_batch_size']} x accumulation {b['grad_accum']} x DP {b['dp']} = global "
         f"{b['global_batch_size']} sequences x {b['seq_length']} tokens = {b['tokens_per_step']:,} tokens per step",
         f"adapter    {lora['mode']} rank {lora['rank']} alpha {lora['alpha']:g}"
         + (f" nblocks {lora['nblocks']}" if lora["nblocks"] else "") + f" on {','.join(lora['targets'])}",
-        f"           {r['adapter_parameters']['total']:,} parameters in total, {r['adapter_parameters']['per_rank']:,} per rank",
+        f"           {r['adapter_parameters']['total']:,} parameters in total, "
+        f"{r['adapter_parameters']['per_rank']:,} per rank",
         "sharding plan (every layer; A: r x d_in, B: d_out x r; shapes on one TP rank, packed blocks in [])",
         f"  {'target':<10}{'megatron':<13}{'kind':<8}{'mode':<16}{'A local':<16}{'B local':<16}{'replicated':<12}"
         "collective",
@@ -320,7 +325,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  {key.replace('_', ' '):<20}{_size(mem[key])}")
     c = r["collectives_per_step"]
     lines.append(f"collectives per step ({b['grad_accum']} micro-batches per DP rank)")
-    for group, label in (("tensor_parallel", "model (TP group)"), ("tensor_parallel_per_micro_batch", "  per micro-batch"),
+    for group, label in (("tensor_parallel", "model (TP group)"),
+                         ("tensor_parallel_per_micro_batch", "  per micro-batch"),
                          ("data_parallel", "data parallel"), ("gradient_norm", "clipping norm")):
         kinds = ", ".join(f"{v} {k}" for k, v in c[group].items() if v) or "none"
         lines.append(f"  {label:<20}{kinds}")

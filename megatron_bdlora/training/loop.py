@@ -16,8 +16,28 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from transformers import AutoTokenizer
 
-from megatron_bdlora.training.config import ConfigError, TrainConfig, batch_layout
+from megatron_bdlora.base_models import ensure_megatron_base, resolve_hf_base
+from megatron_bdlora.checkpoint.adapters import check_same_settings, save_native_rank_states
+from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
+from megatron_bdlora.checkpoint.reader import read_adapter
+from megatron_bdlora.model import (
+    adapter_state_dict,
+    build_model,
+    causal_mask,
+    load_adapter_state_dict,
+    load_base_state_dict,
+)
+from megatron_bdlora.parallel import init_parallel
+from megatron_bdlora.targets import check_llama_config, lora_plan
+from megatron_bdlora.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_bdlora.training.config import ConfigError, TrainConfig, check_run_files
+from megatron_bdlora.training.data import GlobalBatchSampler, collate, load_examples
+from megatron_bdlora.training.deepspeed_engine import build_engine
+from megatron_bdlora.training.metrics import MetricsLog
+from megatron_bdlora.training.step_state import full_grad, optimizer_state, stage0_grad_norm
 
 
 @dataclass
@@ -40,25 +60,8 @@ class PreparedRun:
 def prepare_run(cfg: TrainConfig, world_size: int, rank: int = 0, resume: bool = False) -> PreparedRun:
     """Resolve the base model, validate shapes/plans, the checkpoint to resume and the adapter to start from, and
     load the data; raises ConfigError / FileNotFoundError / ValueError."""
-    from megatron_bdlora.training.checkpoint import check_resume_layout
-    from megatron_bdlora.training.data import load_examples, require_data_file
-
-    layout = batch_layout(cfg, world_size)
+    layout = check_run_files(cfg, world_size, resume)
     tp, dp = layout.tp, layout.dp
-    if resume:
-        try:
-            check_resume_layout(cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints", tp, dp)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    for key, path in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
-        if path is not None:
-            require_data_file(path, key)
-    from transformers import AutoTokenizer  # heavy imports after the cheap checks: config errors come fast
-
-    from megatron_bdlora.base_models import ensure_megatron_base, resolve_hf_base
-    from megatron_bdlora.targets import check_llama_config
-    from megatron_bdlora.targets import lora_plan
-
     hf_dir = resolve_hf_base(cfg.model.base, cfg.model.random_config, cfg.seed)
     hf_config = json.loads((hf_dir / "config.json").read_text())
     settings = cfg.lora.settings(cfg.seed)
@@ -73,16 +76,14 @@ def prepare_run(cfg: TrainConfig, world_size: int, rank: int = 0, resume: bool =
     valid = load_examples(cfg.data.valid, cfg.data.format, tokenizer, cfg.data.seq_length) if cfg.data.valid else None
     init_adapter = _init_adapter(cfg.lora.init, settings, hf_config, tp, rank % tp) if cfg.lora.init else None
     megatron_dir = ensure_megatron_base(hf_dir, tp)
-    return PreparedRun(cfg, hf_dir, megatron_dir, hf_config, tokenizer, train, valid, tp, dp, layout.grad_accum, init_adapter)
+    return PreparedRun(
+        cfg, hf_dir, megatron_dir, hf_config, tokenizer, train, valid, tp, dp, layout.grad_accum, init_adapter
+    )
 
 
 def _init_adapter(path: str, settings, hf_config: dict, tp: int, tp_rank: int) -> Callable[[torch.nn.Module], None]:
     """This rank's slices of the adapter to start from (megatron orders TP ranks fastest: tp_rank = rank % tp),
     after checking it was made for this base model and with the run's LoRA settings."""
-    from megatron_bdlora.checkpoint.adapters import check_same_settings
-    from megatron_bdlora.checkpoint.reader import read_adapter
-    from megatron_bdlora.model import load_adapter_state_dict
-
     saved = read_adapter(path, hf_config, tp, plain_lora_mode=settings.mode)
     try:
         check_same_settings(saved.settings, settings, tp, f"lora.init={path}")
@@ -93,8 +94,6 @@ def _init_adapter(path: str, settings, hf_config: dict, tp: int, tp_rank: int) -
 
 
 def _causal(ids: torch.Tensor) -> torch.Tensor:
-    from megatron_bdlora.model import causal_mask
-
     return causal_mask(torch.ones_like(ids, device="cpu")).to(ids.device)  # causal_mask builds on the host
 
 
@@ -115,14 +114,6 @@ class Trainer:
     """Holds the model, engine, sampler and logs of one run; `run()` trains to schedule.train_steps."""
 
     def __init__(self, run: PreparedRun) -> None:
-        from megatron.core import parallel_state
-
-        from megatron_bdlora.checkpoint.hf import load_megatron_rank_state
-        from megatron_bdlora.model import build_model, load_base_state_dict
-        from megatron_bdlora.parallel import init_parallel
-        from megatron_bdlora.training.data import GlobalBatchSampler
-        from megatron_bdlora.training.deepspeed_engine import build_engine
-
         cfg = self.cfg = run.cfg
         self.run_info = run
         self.info = init_parallel(run.tp, seed=cfg.seed)
@@ -153,10 +144,6 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        from megatron_bdlora.model import adapter_state_dict
-        from megatron_bdlora.training.data import collate
-        from megatron_bdlora.training.step_state import full_grad, optimizer_state
-
         micro_batches = [collate(self.run_info.train_data, idx) for idx in self.sampler.micro_batches(self.step)]
         tokens = self._dp_sum(sum(float(b["loss_mask"].sum()) for b in micro_batches))
         if tokens == 0:
@@ -165,7 +152,8 @@ class Trainer:
         # mean over every loss token of the global batch
         scale = self.grad_accum * self.run_info.dp / tokens
         lr = self.scheduler.get_last_lr()[0]
-        dump = self.log_dir / "dump" / f"step_{self.step + 1:06d}" if self.step + 1 in self.cfg.logging.dump_steps else None
+        dumped = self.step + 1 in self.cfg.logging.dump_steps
+        dump = self.log_dir / "dump" / f"step_{self.step + 1:06d}" if dumped else None
         if dump:
             self.write_adapter(dump / "weights")
         loss_sum = 0.0
@@ -182,30 +170,26 @@ class Trainer:
             self.engine.step()
             loss_sum += summed.item()
         if dump:
-            self.write_adapter(dump / "exp_avg", adapter_state_dict(self.model, value=optimizer_state(self.engine, "exp_avg")))
+            exp_avg = adapter_state_dict(self.model, value=optimizer_state(self.engine, "exp_avg"))
+            self.write_adapter(dump / "exp_avg", exp_avg)
         loss = self._dp_sum(loss_sum) / tokens
         self.step += 1
         grad_norm = grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm())
         processed = self._dp_sum(sum(float(b["input_ids"].numel()) for b in micro_batches))
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "clipped": 0 < self.cfg.optimizer.grad_clip < grad_norm,
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "clipped": 0 < self.cfg.optimizer.grad_clip < grad_norm,
                 "tokens": tokens, "tokens_processed": processed}
 
     def _grad_norm_before_step(self) -> float | None:
         """The gradient norm clipping will see, where DeepSpeed does not report it after the step (no ZeRO, fp32)."""
         if self.engine.zero_optimization() or self.engine.bfloat16_enabled():
             return None
-        from megatron.core import parallel_state
-
-        from megatron_bdlora.training.step_state import stage0_grad_norm
-
         params = [p for p in self.model.parameters() if p.requires_grad]
         return stage0_grad_norm(params, parallel_state.get_tensor_model_parallel_group())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out mean token loss and perplexity over up to logging.eval_batches micro-batches per DP rank."""
-        from megatron_bdlora.training.data import collate
-
         data = self.run_info.valid_data
         micro = self.cfg.parallel.micro_batch_size
         self.engine.eval()
@@ -225,11 +209,6 @@ class Trainer:
     def write_adapter(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Collective: data-parallel replica 0 gathers its TP shards (the adapter, or `state` in its layout: gradients,
         optimizer moments) to global rank 0, which writes them as a native adapter directory."""
-        from megatron.core import parallel_state
-
-        from megatron_bdlora.checkpoint.adapters import save_native_rank_states
-        from megatron_bdlora.model import adapter_state_dict
-
         if self.info.dp_rank == 0:
             tp_group = parallel_state.get_tensor_model_parallel_group()
             states = [None] * self.run_info.tp if self.info.tp_rank == 0 else None
@@ -244,16 +223,14 @@ class Trainer:
         dist.barrier()
 
     def save(self) -> Path:
-        from megatron_bdlora.training.checkpoint import save_checkpoint
-
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "history": self.history}
         layout = {"tp": self.run_info.tp, "dp": self.run_info.dp, "world_size": self.run_info.tp * self.run_info.dp}
-        return save_checkpoint(self.ckpt_dir, self.step, self.engine, state, self.write_adapter, self.cfg.checkpoint.keep, layout)
+        return save_checkpoint(
+            self.ckpt_dir, self.step, self.engine, state, self.write_adapter, self.cfg.checkpoint.keep, layout
+        )
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint, if any; returns whether one was found."""
-        from megatron_bdlora.training.checkpoint import latest_checkpoint, load_checkpoint
-
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             return False
@@ -265,8 +242,6 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        from megatron_bdlora.training.metrics import MetricsLog
-
         cfg = self.cfg
         log = MetricsLog(self.log_dir, enabled=self.info.rank == 0, tensorboard=cfg.logging.tensorboard,
                          progress=cfg.logging.progress, total=cfg.schedule.train_steps, initial=self.step)
@@ -274,7 +249,8 @@ class Trainer:
         while self.step < cfg.schedule.train_steps:
             t0 = time.perf_counter()
             record = self.train_step()
-            record["tokens_per_s"] = record["tokens_processed"] / (time.perf_counter() - t0)  # all input tokens, all DP ranks
+            # all input tokens, all DP ranks
+            record["tokens_per_s"] = record["tokens_processed"] / (time.perf_counter() - t0)
             last = self.step == cfg.schedule.train_steps
             if self.run_info.valid_data is not None and ((eval_every and self.step % eval_every == 0) or last):
                 record.update(self.evaluate())

@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 
 class MetricsLog:
     """Writes one JSON line per step to <dir>/metrics.jsonl (rank 0 only: pass enabled=False elsewhere)."""
 
-    def __init__(self, log_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total: int, initial: int) -> None:
+    def __init__(
+        self, log_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total: int, initial: int
+    ) -> None:
         self.enabled = enabled
         self.bar = self.tb = self.file = None
         if not enabled:
@@ -19,11 +23,9 @@ class MetricsLog:
         # a resumed run (initial > 0) appends; a fresh one starts the log anew
         self.file = open(log_dir / "metrics.jsonl", "a" if initial else "w", buffering=1)
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
         if tensorboard:
-            try:
+            try:  # lazy: tensorboard is an optional extra (`pip install .[tensorboard]`)
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise RuntimeError("logging.tensorboard=true needs the `tensorboard` package installed") from err
@@ -40,7 +42,8 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.update(1)
             if show:
-                post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                        "tok/s": f"{record['tokens_per_s']:.0f}"}
                 if "valid_ppl" in record:
                     post["val_ppl"] = f"{record['valid_ppl']:.2f}"
                 self.bar.set_postfix(post)

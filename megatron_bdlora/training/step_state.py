@@ -12,14 +12,20 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+
 
 def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
     """This rank's whole (TP-local) accumulated gradient, assembled from ZeRO partitions (collective over DP)."""
+    # lazy (deepspeed, here and below): as in deepspeed_engine.py, its import probes the accelerators and prints on
+    # stdout; the trainer imports this module before any engine exists
     from deepspeed.utils import safe_get_full_grad
 
     grad = safe_get_full_grad(param)
     if grad is None:
-        raise RuntimeError(f"no gradient for a LoRA factor of shape {tuple(param.shape)}: call after backward, before step")
+        raise RuntimeError(
+            f"no gradient for a LoRA factor of shape {tuple(param.shape)}: call after backward, before step"
+        )
     return grad
 
 
@@ -37,8 +43,6 @@ def optimizer_state(engine, key: str) -> Callable[[torch.nn.Parameter], torch.Te
 def stage0_grad_norm(params: list[torch.nn.Parameter], tp_group: dist.ProcessGroup) -> float:
     """L2 norm of the DP-reduced gradients without ZeRO (DeepSpeed reports none there): TP-split factors counted
     on every TP rank, replicated ones once, as DeepSpeed's clipping counts them."""
-    from megatron.core import parallel_state
-
     first = parallel_state.get_tensor_model_parallel_rank() == 0
     sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)  # nccl: on the device
     for p in params:

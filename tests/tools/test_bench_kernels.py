@@ -1,0 +1,41 @@
+"""tools/bench_kernels.py on CPU: its correctness part (Triton in the interpreter vs the torch path, every mode and
+layer kind, fp32 and fp16) passes and lands in its JSON; a kernel that drops the adapter scaling is caught."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "tools" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_checks_every_mode_and_writes_json(bench, tmp_path):
+    result = bench.main(["--json", str(tmp_path / "k.json"), "--budget-s", "0"])  # a GPU: no time for the sweep
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert saved["checks_ok"] and result["checks_ok"]
+    assert {(r["mode"], r["kind"], r["dtype"]) for r in saved["checks"]} == {
+        (m, k, d) for m in bench.MODES for k in ("column", "row")
+        for d in ("float32", "float16") + (("bfloat16",) if torch.cuda.is_available() else ())
+    }
+    assert not saved.get("decode")  # timings only on a GPU, and none within a zero budget
+
+
+def test_checks_catch_a_wrong_scaling(bench, monkeypatch):
+    from megatron_bdlora import kernels
+
+    real = kernels.expand
+    monkeypatch.setattr(kernels, "expand", lambda z, w, v, s, *a, **k: real(z, w, v, s * 1.01, *a, **k))
+    rows = bench.check("cpu" if not torch.cuda.is_available() else "cuda", [torch.float32], 64)
+    assert not any(r["ok"] for r in rows)
