@@ -20,8 +20,8 @@ Which variant runs:
 - `paged_attention` (what `Attention.flash_decode_and_prefill` becomes): `static=None` picks the tight sizes
   above, and switches to the static sizes when max_seqlen_q / max_seqlen_k are not Python ints (tensors would
   need a sync) or when a CUDA graph is being captured (`torch.cuda.is_current_stream_capturing()`).
-- `paged_attention_static`: always the static sizes (all block-table columns, m = T query rows per request, or 1
-  on decode-only steps) - shapes depend on nothing but the tensors' shapes.
+- `paged_attention(..., static=True)`: always the static sizes (all block-table columns, m = T query rows per
+  request, or 1 on decode-only steps) - shapes depend on nothing but the tensors' shapes.
 
 Cost: keys / values are gathered to [R, Hkv, Lpad, D] and queries padded to [R, m, Hq, D]; attention work is
 R * m * Lpad per head, i.e. a mixed eager step pads every request (decodes included) to the longest chunk, and a
@@ -129,27 +129,6 @@ def paged_attention(
             .reshape(R, m, Hq, D)  # [R, m, Hq, D]
         )
     return _to_packed(per_request, cu_seqlens_q, starts, T).unsqueeze(1)  # [T, Hq, D] -> [T, 1, Hq, D]
-
-
-def paged_attention_static(
-    self,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    max_seqlen_q,
-    max_seqlen_k,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    seqlens_k: Tensor,
-    block_table: Tensor,
-    is_decode_only: bool,
-    **kwargs,
-) -> Tensor:
-    """`paged_attention` at static sizes (full block-table width, m = T or 1): shapes fixed by tensor shapes."""
-    return paged_attention(
-        self, q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table,
-        is_decode_only, static=True, **kwargs,
-    )
 
 
 def _is_int(value) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_bdlora.inference import cpu_fallbacks
-from megatron_bdlora.inference.paged_attention import paged_attention, paged_attention_static
+from megatron_bdlora.inference.paged_attention import paged_attention
 
 HQ, HKV, D = 4, 2, 8
 
@@ -170,7 +170,7 @@ def test_vectorised_paged_attention_matches_the_cpu_path_and_a_dense_reference(
     tight = paged_attention(layer, **args, is_decode_only=is_decode_only)
     close(tight, cpu)
     close(tight, expected)
-    static = paged_attention_static(layer, **args, is_decode_only=is_decode_only)
+    static = paged_attention(layer, **args, is_decode_only=is_decode_only, static=True)
     close(static, expected)
     # what megatron's graphed metadata passes: max_seqlen_q = 1 or max(2, tokens), max_seqlen_k = max length
     T, width = args["q"].shape[0], args["block_table"].shape[1]
@@ -187,7 +187,7 @@ def test_vectorised_paged_attention_has_no_data_dependent_shapes_or_host_reads()
     meta = {name: value.to("meta") if isinstance(value, torch.Tensor) else value for name, value in args.items()}
     layer = SimpleNamespace(softmax_scale=None)
     for is_decode_only in (False, True):
-        out = paged_attention_static(layer, **meta, is_decode_only=is_decode_only)
+        out = paged_attention(layer, **meta, is_decode_only=is_decode_only, static=True)
         assert out.shape == args["q"].shape and out.device.type == "meta"
         out = paged_attention(layer, **meta, is_decode_only=is_decode_only)  # tight sizes from the host ints
         assert out.shape == args["q"].shape
@@ -230,7 +230,7 @@ def static_decode_replay(device: str, graphs: bool) -> None:
     static_args = moved(args, device, torch.float32)
 
     def run():
-        return paged_attention_static(layer, **static_args, is_decode_only=True)
+        return paged_attention(layer, **static_args, is_decode_only=True, static=True)
 
     if graphs:
         stream = torch.cuda.Stream()
@@ -271,9 +271,8 @@ def test_on_gpu_no_host_sync_and_a_captured_decode_graph_replays_for_other_lengt
         expected = dense_reference(args, contiguous, D**-0.5)
         torch.cuda.set_sync_debug_mode("error")  # any host sync raises
         try:
-            outs = [
-                f(layer, **on_gpu, is_decode_only=is_decode_only) for f in (paged_attention, paged_attention_static)
-            ]
+            outs = [paged_attention(layer, **on_gpu, is_decode_only=is_decode_only, static=static)
+                    for static in (None, True)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
         for out in outs:
