@@ -247,3 +247,10 @@ def block_diagonal_to_packed(dense: torch.Tensor, nblocks: int, name: str = "fac
             f"(off-block norm {off_block.norm().item():.6g})"
         )
     return packed.reshape(out_dim, bi)
+
+
+def repack_factor(stored: torch.Tensor, src_blocks: int, dst_blocks: int, name: str = "factor") -> torch.Tensor:
+    """A stored factor re-laid out for another block count; exact, or ValueError with the largest off-block entry."""
+    if src_blocks == dst_blocks:
+        return stored
+    return block_diagonal_to_packed(packed_to_block_diagonal(stored, src_blocks), dst_blocks, name).contiguous()

@@ -12,8 +12,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import torch
-
 from megatron_bdlora.checkpoint.adapters import (
     AdapterCheckpoint,
     AdapterCheckpointError,
@@ -23,14 +21,7 @@ from megatron_bdlora.checkpoint.adapters import (
     save_native,
 )
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.sharding import Mode, block_diagonal_to_packed, packed_to_block_diagonal, parse_mode
-
-
-def repack_factor(stored: torch.Tensor, src_blocks: int, dst_blocks: int, name: str) -> torch.Tensor:
-    """A stored factor re-laid out for another block count; exact, or ValueError with the largest off-block entry."""
-    if src_blocks == dst_blocks:
-        return stored
-    return block_diagonal_to_packed(packed_to_block_diagonal(stored, src_blocks), dst_blocks, name).contiguous()
+from megatron_bdlora.sharding import Mode, parse_mode, repack_factor
 
 
 def target_settings(
