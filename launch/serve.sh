@@ -10,6 +10,7 @@
 # Environment:
 #   PYTHON               interpreter to use (default: the repo's .venv/bin/python, else python3)
 #   BDLORA_SERVE_MODULE  python module torchrun runs (default megatron_bdlora.serve)
+#   MEGATRON_BDLORA_API_KEY  API key required on /v1/* (set it whenever --host is not 127.0.0.1)
 #
 # launch/slurm/serve.sbatch sources this file for its functions; main runs only when executed.
 

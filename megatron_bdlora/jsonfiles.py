@@ -12,10 +12,16 @@ def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> d
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    return parse_json_object(path.read_bytes(), path, error)
+
+
+def parse_json_object(data: bytes, source: str | Path, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """A JSON object from the bytes of file `source` (already read); `error` naming it if not valid JSON or not an
+    object."""
     try:
-        data = json.loads(path.read_text())
+        parsed = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path} is not a JSON object")
-    return data
+        raise error(f"{source} is not valid JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise error(f"{source} is not a JSON object")
+    return parsed

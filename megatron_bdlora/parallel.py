@@ -32,8 +32,11 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_parallel(tp_size: int, seed: int = 1234, backend: str | None = None) -> ParallelInfo:
-    """Join the default process group (torchrun or srun variables) and build megatron's TP x DP groups."""
+def init_parallel(tp_size: int, seed: int = 1234, backend: str | None = None, timeout_s: float = 600.0) -> ParallelInfo:
+    """Join the default process group (torchrun or srun variables) and build megatron's TP x DP groups.
+
+    `timeout_s` bounds every collective (torch's default is 10 minutes): a server passes its engine bound, so that a
+    rank waiting on a dead or hung peer fails instead of waiting that long."""
     # lazy (here and in destroy_parallel): megatron-core takes seconds to import, and serve.py and the benchmark tools
     # import this module before they parse their flags
     from megatron.core import parallel_state, tensor_parallel
@@ -53,10 +56,11 @@ def init_parallel(tp_size: int, seed: int = 1234, backend: str | None = None) ->
             backend=backend or ("nccl" if use_cuda else "gloo"),
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=10),
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                                 distributed_timeout_minutes=timeout_s / 60)
     if not apply_cpu_shims(seed):
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ParallelInfo(

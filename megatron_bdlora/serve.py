@@ -2,7 +2,8 @@
 
   torchrun --nproc_per_node N -m megatron_bdlora.serve --megatron-dir MEG --mode block_diagonal|slora|replicated \\
       --adapter NAME=DIR [--adapter NAME=DIR ...] --max-loras K [--max-cpu-loras M] [--max-lora-rank R] \\
-      [--max-model-len L] --host 127.0.0.1 --port P [--config serve.yaml]
+      [--max-model-len L] --host 127.0.0.1 --port P [--config serve.yaml] \\
+      [--api-key KEY] [--enable-lora-runtime-updating] [--lora-root DIR ...] [--max-queued-requests Q]
 
 TP is the world size. Rank 0 answers HTTP (vLLM's routes: /v1/completions, /v1/chat/completions, /v1/models,
 /v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics) and schedules the engine; the other ranks step
@@ -10,7 +11,13 @@ in lockstep with it. Every flag is also a key of the --config YAML (max_loras fo
 mapping NAME: DIR); flags override the YAML, --adapter adds to its adapters. Arguments are checked before any
 process group exists: a bad one exits 2 with one `error: ...` line. SIGTERM/SIGINT on rank 0 stops accepting
 connections, lets in-flight requests finish (up to --drain-timeout) and exits 0; a second SIGINT cancels them.
-If the engine dies (e.g. a TP rank failed), rank 0 exits 1 at once instead of answering errors.
+If the engine dies (e.g. a TP rank failed), rank 0 exits 1 at once instead of answering errors; if it stops
+finishing steps (a rank hung in a collective), /health answers 503 after --engine-step-timeout and every rank exits
+non-zero after --engine-dead-timeout.
+
+Exposing it: --api-key (or $MEGATRON_BDLORA_API_KEY) guards every /v1/* route (/health and /metrics stay open);
+runtime adapter loading is off unless --enable-lora-runtime-updating, and --lora-root limits it to directories
+under the given roots; bodies, stop sequences and requests in flight are bounded (413 / 400 / 429).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -35,6 +43,7 @@ from megatron_bdlora import parallel
 from megatron_bdlora.base_models import EMBEDDED, ensure_megatron_base, resolve_hf_base
 from megatron_bdlora.checkpoint.base_model import BaseModelError
 from megatron_bdlora.config_file import ConfigError, build_section
+from megatron_bdlora.inference.policy import API_KEY_ENV, ServerPolicy, api_key_from
 from megatron_bdlora.inference.routes import build_app
 from megatron_bdlora.inference.serving_config import ServingConfig
 from megatron_bdlora.jsonfiles import read_json_object
@@ -46,6 +55,10 @@ if TYPE_CHECKING:
 MODES = tuple(m.value for m in Mode)  # the sharding plan owns the list
 DTYPES = ("float32", "bfloat16", "float16")
 ON_OFF = ("on", "off")
+_POLICY = ServerPolicy()  # the HTTP limits' defaults
+# collectives time out this long after --engine-dead-timeout: rank 0's watchdog, which names the cause, acts first;
+# a follower whose rank 0 is gone fails at once (its peer's socket closes) or at this bound
+COLLECTIVE_GRACE_S = 10.0
 
 
 def _opt(help: str, default: Any = None, engine: bool = False, required: bool = False) -> Any:
@@ -90,6 +103,23 @@ class ServeOptions:
                           "many)")
     drain_timeout: float = _opt("seconds in-flight requests may take to finish after SIGTERM/SIGINT before they are "
                                 "cancelled", 60.0)
+    api_key: str | None = _opt(f"require `Authorization: Bearer KEY` on every /v1/* route (401 otherwise; /health and "
+                               f"/metrics stay open); default: ${API_KEY_ENV}, else none (open: bind 127.0.0.1 then)")
+    enable_lora_runtime_updating: bool = _opt("serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (404 "
+                                              "otherwise, as vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING)", False)
+    lora_root: list[str] | None = _opt("with runtime updating: load adapters only from directories under DIR (after "
+                                       "resolving symlinks and ..); repeat for more; default: any path")
+    max_queued_requests: int = _opt("generation requests in flight (tokenising, waiting or running); beyond it a 429 "
+                                    "with Retry-After", _POLICY.max_queued_requests)
+    max_request_bytes: int = _opt("largest request body in bytes (413 beyond it)", _POLICY.max_request_bytes)
+    max_stop_sequences: int = _opt("stop strings per request", _POLICY.max_stop_sequences)
+    max_stop_length: int = _opt("characters per stop string", _POLICY.max_stop_length)
+    max_stop_token_ids: int = _opt("stop token ids per request", _POLICY.max_stop_token_ids)
+    engine_step_timeout: float = _opt("seconds the engine may go without finishing a step before /health answers "
+                                      "503", _POLICY.engine_step_timeout)
+    engine_dead_timeout: float = _opt("seconds the engine may go without finishing a step before the server exits "
+                                      "non-zero (a TP rank dead or hung; collectives time out 10 s later on "
+                                      "every rank)", _POLICY.engine_dead_timeout)
 
 
 ENGINE_KEYS = tuple(f.name for f in fields(ServeOptions) if f.metadata["engine"])
@@ -130,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="register an adapter (native or PEFT directory) under NAME, the `model` clients ask "
                                 "for; repeat for more")
             continue
+        if f.name == "enable_lora_runtime_updating":
+            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=f.metadata["help"])
+            continue
+        if f.name == "lora_root":
+            p.add_argument(_flag(f.name), dest=f.name, action="append", metavar="DIR", help=f.metadata["help"])
+            continue
         kind = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         choices = {"mode": MODES, "dtype": DTYPES, "cuda_graphs": ON_OFF}.get(f.name)
         default, help_text = _shown_default(f), f.metadata["help"]
@@ -166,6 +202,8 @@ def load_options(argv: list[str] | None) -> tuple[ServeOptions, dict[str, str]]:
     where = {key: f"{key} in {config}" for key in raw}
     if isinstance(raw.get("cuda_graphs"), bool):  # YAML 1.1 reads a bare on/off as a boolean
         raw["cuda_graphs"] = ON_OFF[0] if raw["cuda_graphs"] else ON_OFF[1]
+    if isinstance(raw.get("lora_root"), str):  # one root, or a list
+        raw["lora_root"] = [raw["lora_root"]]
     try:
         opts = build_section(ServeOptions, raw, "")
     except ConfigError as err:
@@ -186,6 +224,10 @@ def load_options(argv: list[str] | None) -> tuple[ServeOptions, dict[str, str]]:
         adapters[name] = path
         where[f"adapter {name}"] = f"--adapter {name}"
     opts.adapters = adapters
+    roots = given.pop("lora_root", None)
+    if roots is not None:  # flags add to the YAML's roots, as --adapter does
+        opts.lora_root = [*(opts.lora_root or ()), *roots]
+        where["lora_root"] = "--lora-root"
     for key, value in given.items():
         setattr(opts, key, value)
         where[key] = _flag(key)
@@ -218,6 +260,19 @@ def check_options(opts: ServeOptions, where: dict[str, str], world_size: int) ->
         raise ConfigError(f"{name('kv_cache_gb')} must be > 0, got {opts.kv_cache_gb}")
     if opts.drain_timeout < 0:
         raise ConfigError(f"{name('drain_timeout')} must be >= 0 seconds, got {opts.drain_timeout}")
+    for key in ("max_queued_requests", "max_request_bytes", "max_stop_sequences", "max_stop_length",
+                "max_stop_token_ids"):
+        if getattr(opts, key) < 1:
+            raise ConfigError(f"{name(key)} must be >= 1, got {getattr(opts, key)}")
+    for key in ("engine_step_timeout", "engine_dead_timeout"):
+        if not getattr(opts, key) > 0:
+            raise ConfigError(f"{name(key)} must be > 0 seconds, got {getattr(opts, key)}")
+    for root in opts.lora_root or ():
+        if not Path(root).expanduser().is_dir():
+            raise ConfigError(f"{name('lora_root')}: {root} is not a directory")
+    if opts.lora_root and not opts.enable_lora_runtime_updating:
+        raise ConfigError(f"{name('lora_root')} limits runtime adapter loading, which is off: add "
+                          "--enable-lora-runtime-updating (or drop --lora-root)")
     if not 0 <= opts.port <= 65535:
         raise ConfigError(f"{name('port')} must be a TCP port in 0..65535, got {opts.port}")
     if not opts.host:
@@ -303,18 +358,47 @@ class HTTPServer(uvicorn.Server):
             print(f"serving on {self.url}", flush=True)
 
 
-def _watch_engine(loop: "ServingLoop", stopping: threading.Event, interval_s: float = 0.5) -> None:
-    """Exit the process (1) as soon as the engine dies, rather than answering every request with an error."""
+def policy_of(opts: ServeOptions) -> ServerPolicy:
+    """The HTTP server's limits and permissions: the settings of the same names, the roots of --lora-root, the key
+    of --api-key or else the environment."""
+    same = {f.name: getattr(opts, f.name) for f in fields(ServerPolicy) if hasattr(opts, f.name)}
+    return ServerPolicy(**{**same, "api_key": api_key_from(opts.api_key), "lora_roots": tuple(opts.lora_root or ())})
+
+
+def _exit_now(message: str) -> typing.NoReturn:
+    """Exit 1 without waiting on anything: the engine thread may sit in a collective that never returns."""
+    print(f"error: {message}; exiting", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _watch_engine(loop: "ServingLoop", stopping: threading.Event, dead_after_s: float,
+                  interval_s: float = 0.5) -> None:
+    """Exit the process (1) as soon as the engine dies or stops finishing steps (a rank dead or hung), rather than
+    answering every request with an error or hanging."""
     while not stopping.wait(interval_s):
-        if not loop.healthy() and not stopping.is_set():
-            print("error: the serving engine stopped unexpectedly (its error is above); exiting", file=sys.stderr,
-                  flush=True)
-            os._exit(1)
+        if stopping.is_set():
+            return
+        if not loop.healthy():
+            _exit_now("the serving engine stopped unexpectedly (its error is above)")
+        stalled = time.monotonic() - loop.last_step_at
+        if stalled > dead_after_s:
+            _exit_now(f"the serving engine has not finished a step for {stalled:.0f} s (--engine-dead-timeout "
+                      f"{dead_after_s:g}): a TP rank is dead or hung")
+
+
+def _warn_if_open(opts: ServeOptions, policy: ServerPolicy) -> None:
+    """Say it when a server reachable from other hosts has no API key."""
+    if policy.api_key is None and opts.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {opts.host} without an API key: anyone who reaches the port can use the server; "
+              f"set --api-key or ${API_KEY_ENV}", file=sys.stderr, flush=True)
 
 
 def serve_http(loop: "ServingLoop", sock: socket.socket, opts: ServeOptions, served_name: str, base_root: str) -> int:
     """Rank 0: HTTP until SIGTERM/SIGINT, then drain the engine (which also stops the other ranks)."""
-    app = build_app(loop, served_model_name=served_name, base_root=base_root, adapter_paths=opts.adapters)
+    policy = policy_of(opts)
+    _warn_if_open(opts, policy)
+    app = build_app(loop, served_model_name=served_name, base_root=base_root, adapter_paths=opts.adapters,
+                    policy=policy)
     server = HTTPServer(app, sock, opts.host, opts.drain_timeout)
     drain = True
 
@@ -328,12 +412,15 @@ def serve_http(loop: "ServingLoop", sock: socket.socket, opts: ServeOptions, ser
         signal.signal(sig, on_signal)
     stopping = threading.Event()
     loop.start()
-    threading.Thread(target=_watch_engine, args=(loop, stopping), name="engine-watchdog", daemon=True).start()
+    threading.Thread(target=_watch_engine, args=(loop, stopping, policy.engine_dead_timeout), name="engine-watchdog",
+                     daemon=True).start()
     try:
         server.serve_forever()
     finally:
         stopping.set()
-        loop.shutdown(drain=drain)
+        # requests still running after the HTTP drain finish within their own max_tokens; a hung rank never does
+        if not loop.shutdown(drain=drain, timeout=opts.drain_timeout + policy.engine_dead_timeout):
+            _exit_now("the serving engine did not stop in time")
     return 0
 
 
@@ -371,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     # lazy: the engine's imports (megatron-core) take seconds; they load once the flags and files are checked
     from megatron_bdlora.inference.serving_loop import ServingLoop
 
-    info = parallel.init_parallel(tp_size=world_size)
+    info = parallel.init_parallel(tp_size=world_size, timeout_s=opts.engine_dead_timeout + COLLECTIVE_GRACE_S)
     engine = {key: getattr(opts, key) for key in ENGINE_KEYS if getattr(opts, key) is not None}
     if "cuda_graphs" in engine:
         engine["cuda_graphs"] = engine["cuda_graphs"] == "on"

@@ -9,25 +9,30 @@ Layout of a checkpoint directory:
 A factor's *stored* form is PEFT's layout (sharding.py): dense, or packed (out, in / nblocks) when
 block-diagonal. Rank i's file holds exactly `plan.a.shard(A_full, i)` / `plan.b.shard(B_full, i)`, so a
 rank loads its own file and nothing else; replicated factors are written to every file.
+
+Readers (native here, PEFT in peft.py) parse `AdapterFiles`: an adapter directory's files read into memory once,
+with a sha256 digest over them, so that what is validated, hashed and served is one reading of the disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
-from megatron_bdlora.jsonfiles import read_json_object
+from megatron_bdlora.jsonfiles import parse_json_object, read_json_object
 from megatron_bdlora.sharding import Mode, ShardingPlan
 from megatron_bdlora.targets import cfg_field, lora_plan
 
@@ -38,6 +43,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "adapter_manifest.json"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILE = re.compile(rf"{re.escape(MANIFEST_NAME)}|rank_\d+\.safetensors|{re.escape(PEFT_CONFIG_NAME)}|"
+                          rf"{re.escape(PEFT_WEIGHTS_NAME)}")  # every file an adapter is made of
 SHAPE_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -103,16 +110,65 @@ def read_base_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_json_object(file, AdapterCheckpointError)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; a missing or corrupt file is an error naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        msg = " ".join(str(e).split())
-        raise AdapterCheckpointError(f"cannot read {path}: corrupt or truncated safetensors file ({msg})") from None
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter directory's files, read into memory once: what is parsed, hashed and served is that one reading,
+    however the files change on disk afterwards. Other files in the directory (logs, optimizer state) are not read."""
+
+    directory: Path
+    contents: dict[str, bytes]  # file name -> bytes
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> AdapterFiles:
+        """Every adapter file (ADAPTER_FILE) directly in `directory`."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"adapter directory {directory} does not exist or is not a directory")
+        names = sorted(p.name for p in directory.iterdir() if ADAPTER_FILE.fullmatch(p.name) and p.is_file())
+        return cls(directory, {name: (directory / name).read_bytes() for name in names})
+
+    @classmethod
+    def of(cls, source: str | os.PathLike | AdapterFiles) -> AdapterFiles:
+        """Files already read, or a directory to read now (the path-based API of every reader)."""
+        return source if isinstance(source, AdapterFiles) else cls.read(source)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 over the sorted (name, bytes) pairs: equal iff the same adapter files hold the same bytes."""
+        h = hashlib.sha256()
+        for name in sorted(self.contents):
+            data = self.contents[name]
+            h.update(f"{name}\0{len(data)}\0".encode())  # lengths: no two file sets hash the same byte stream
+            h.update(data)
+        return h.hexdigest()
+
+    def path(self, name: str) -> Path:
+        """Where a file was read from (for error messages)."""
+        return self.directory / name
+
+    def has(self, name: str) -> bool:
+        return name in self.contents
+
+    def json_object(self, name: str) -> dict[str, Any]:
+        """A JSON object file; FileNotFoundError if absent, AdapterCheckpointError if not valid JSON or no object."""
+        path = self.path(name)
+        if name not in self.contents:
+            raise FileNotFoundError(f"{path} does not exist")
+        return parse_json_object(self.contents[name], path, AdapterCheckpointError)
+
+    def safetensors(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """All tensors and the metadata of a safetensors file; a missing or corrupt file is an error naming it."""
+        path = self.path(name)
+        if name not in self.contents:
+            raise FileNotFoundError(f"weights file {path} does not exist")
+        data = self.contents[name]
+        try:
+            tensors = load_safetensors_bytes(data)
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # valid: load() parsed it
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            msg = " ".join(str(e).split())
+            raise AdapterCheckpointError(f"cannot read {path}: corrupt or truncated safetensors file ({msg})") from None
+        return tensors, dict(header.get("__metadata__") or {})
 
 
 def check_tensors(
@@ -301,14 +357,13 @@ def save_native_rank_states(
     return save_native(ckpt, out_dir, overwrite=overwrite)
 
 
-def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """The validated manifest of a checkpoint directory."""
-    path = Path(adapter_dir) / MANIFEST_NAME
-    if not Path(adapter_dir).is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
-    if not path.is_file():
+def read_manifest(adapter_dir: str | os.PathLike | AdapterFiles) -> dict[str, Any]:
+    """The validated manifest of a checkpoint directory (or of its files already read)."""
+    files = AdapterFiles.of(adapter_dir)
+    path = files.path(MANIFEST_NAME)
+    if not files.has(MANIFEST_NAME):
         raise FileNotFoundError(f"{path} does not exist: not a megatron-bdlora adapter directory")
-    m = read_json_object(path, AdapterCheckpointError)
+    m = files.json_object(MANIFEST_NAME)
     if m.get("format") != FORMAT:
         got = m.get("format")
         raise AdapterCheckpointError(f"{path}: format is {got!r}, expected {FORMAT!r}")
@@ -355,28 +410,29 @@ def settings_from_manifest(manifest: dict[str, Any]) -> LoRASettings:
     return settings
 
 
-def load_native(adapter_dir: str | os.PathLike, base_config: Any = None) -> AdapterCheckpoint:
-    """The whole adapter of a checkpoint directory, every rank file validated; first refused if not for base_config."""
-    adapter_dir = Path(adapter_dir)
-    m = read_manifest(adapter_dir)
+def load_native(adapter_dir: str | os.PathLike | AdapterFiles, base_config: Any = None) -> AdapterCheckpoint:
+    """The whole adapter of a checkpoint directory (or of its files already read), every rank file validated; first
+    refused if not for base_config."""
+    files = AdapterFiles.of(adapter_dir)
+    m = read_manifest(files)
     if base_config is not None:
-        check_base_shape(m["base_model"]["shape"], base_config, adapter_dir / MANIFEST_NAME)
+        check_base_shape(m["base_model"]["shape"], base_config, files.path(MANIFEST_NAME))
     settings = settings_from_manifest(m)
     tp = int(m["tp"])
     states, sources = [], []
     for tp_rank in range(tp):
-        path = adapter_dir / rank_file_name(tp_rank)
-        tensors, meta = read_safetensors(path)
-        _check_rank_meta(meta, tp_rank, tp, path)
+        name = rank_file_name(tp_rank)
+        tensors, meta = files.safetensors(name)
+        _check_rank_meta(meta, tp_rank, tp, files.path(name))
         states.append(tensors)
-        sources.append(str(path))
+        sources.append(str(files.path(name)))
     ckpt = gather_rank_states(
         settings, m["base_model"]["shape"], tp, states, base_model_name=m["base_model"].get("name_or_path"),
         sources=sources,
     )
     if dtype_name(ckpt.dtype) != m.get("dtype", dtype_name(ckpt.dtype)):
         raise AdapterCheckpointError(
-            f"{adapter_dir}: factors have dtype {dtype_name(ckpt.dtype)}, manifest says {m['dtype']}"
+            f"{files.directory}: factors have dtype {dtype_name(ckpt.dtype)}, manifest says {m['dtype']}"
         )
     return ckpt
 

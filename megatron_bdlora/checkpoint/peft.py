@@ -25,18 +25,17 @@ from megatron_bdlora.checkpoint.adapters import (
     PEFT_WEIGHTS_NAME,
     AdapterCheckpoint,
     AdapterCheckpointError,
+    AdapterFiles,
     Factors,
     base_shape,
     canonical_targets,
     check_tensors,
     load_native,
     read_base_config,
-    read_safetensors,
     save_native,
 )
 from megatron_bdlora.checkpoint.reshard import convert_factors, target_settings
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
-from megatron_bdlora.jsonfiles import read_json_object
 from megatron_bdlora.sharding import Mode
 from megatron_bdlora.targets import llama_projections
 
@@ -174,13 +173,11 @@ class PeftAdapter:
         )
 
 
-def _read_config(peft_dir: Path) -> tuple[dict[str, Any], Path]:
-    if not peft_dir.is_dir():
-        raise FileNotFoundError(f"PEFT adapter directory {peft_dir} does not exist")
-    path = peft_dir / PEFT_CONFIG_NAME
-    if not path.is_file():
+def _read_config(files: AdapterFiles) -> tuple[dict[str, Any], Path]:
+    path = files.path(PEFT_CONFIG_NAME)
+    if not files.has(PEFT_CONFIG_NAME):
         raise FileNotFoundError(f"{path} does not exist: not a PEFT adapter directory")
-    return read_json_object(path, AdapterCheckpointError), path
+    return files.json_object(PEFT_CONFIG_NAME), path
 
 
 def _check_supported(cfg: dict[str, Any], path: Path, num_layers: int) -> None:
@@ -262,10 +259,11 @@ def _factor_blocks(cfg: dict[str, Any], path: Path, module: str) -> tuple[int, i
     return (nblocks if on_a else 1), (nblocks if on_b else 1)
 
 
-def read_peft(peft_dir: str | os.PathLike, hf_config: Any) -> PeftAdapter:
-    """A PEFT LoRA / BD-LoRA adapter for this base model, every key and shape validated."""
-    peft_dir = Path(peft_dir)
-    cfg, cfg_path = _read_config(peft_dir)
+def read_peft(peft_dir: str | os.PathLike | AdapterFiles, hf_config: Any) -> PeftAdapter:
+    """A PEFT LoRA / BD-LoRA adapter (a directory, or its files already read) for this base model, every key and
+    shape validated."""
+    files = AdapterFiles.of(peft_dir)
+    cfg, cfg_path = _read_config(files)
     shape = base_shape(hf_config)
     _check_supported(cfg, cfg_path, shape["num_hidden_layers"])
     bd = cfg.get("use_bdlora")
@@ -282,9 +280,8 @@ def read_peft(peft_dir: str | os.PathLike, hf_config: Any) -> PeftAdapter:
         nblocks=int(bd["nblocks"]) if bd else None,
         base_model_name=cfg.get("base_model_name_or_path"),
     )
-    weights = peft_dir / PEFT_WEIGHTS_NAME
-    if not weights.is_file() and (peft_dir / "adapter_model.bin").is_file():
-        raise AdapterCheckpointError(f"{peft_dir}/adapter_model.bin: only {PEFT_WEIGHTS_NAME} is supported")
+    if not files.has(PEFT_WEIGHTS_NAME) and files.path("adapter_model.bin").is_file():  # only to say why
+        raise AdapterCheckpointError(f"{files.path('adapter_model.bin')}: only {PEFT_WEIGHTS_NAME} is supported")
     projs = llama_projections(shape)
     expected = {}
     for layer in range(shape["num_hidden_layers"]):
@@ -299,14 +296,15 @@ def read_peft(peft_dir: str | os.PathLike, hf_config: Any) -> PeftAdapter:
             expected[key_a], expected[key_b] = (rank, p.d_in // na), (p.d_out, rank // nb)
             adapter.blocks[(layer, proj)] = (na, nb)
             adapter.keys[(layer, proj)] = (key_a, key_b)
-    tensors, _ = read_safetensors(weights)
-    check_tensors(tensors, expected, str(weights), hint=" (was the adapter trained on this base model?)")
+    tensors, _ = files.safetensors(PEFT_WEIGHTS_NAME)
+    check_tensors(tensors, expected, str(files.path(PEFT_WEIGHTS_NAME)),
+                  hint=" (was the adapter trained on this base model?)")
     adapter.factors = {k: (tensors[ka], tensors[kb]) for k, (ka, kb) in adapter.keys.items()}
     return adapter
 
 
 def import_peft(
-    peft_dir: str | os.PathLike,
+    peft_dir: str | os.PathLike | AdapterFiles,
     hf_config: Any,
     tp: int,
     mode: Mode | str | None,
@@ -330,9 +328,9 @@ def _config_name(hf_config: Any) -> str | None:
     return hf_config.get("_name_or_path") if isinstance(hf_config, dict) else getattr(hf_config, "_name_or_path", None)
 
 
-def adapter_base_model_dir(peft_dir: str | os.PathLike) -> Path:
+def adapter_base_model_dir(peft_dir: str | os.PathLike | AdapterFiles) -> Path:
     """The adapter's own base_model_name_or_path, when it is a local model directory: the default base config."""
-    cfg, path = _read_config(Path(peft_dir))
+    cfg, path = _read_config(AdapterFiles.of(peft_dir))
     name = cfg.get("base_model_name_or_path")
     if isinstance(name, str) and name and (Path(name) / "config.json").is_file():
         return Path(name)
@@ -357,8 +355,9 @@ def import_peft_directory(
 
     base_config None: the adapter's base_model_name_or_path, which must then be a local model directory.
     """
+    files = AdapterFiles.read(peft_dir)
     if base_config is None:
-        base_config = adapter_base_model_dir(peft_dir)
+        base_config = adapter_base_model_dir(files)
     hf_config = base_config if isinstance(base_config, dict) else read_base_config(base_config)
-    ckpt = import_peft(peft_dir, hf_config, tp, mode, nblocks, base_model_name=base_model_name)
+    ckpt = import_peft(files, hf_config, tp, mode, nblocks, base_model_name=base_model_name)
     return save_native(ckpt, out_dir, overwrite=overwrite)

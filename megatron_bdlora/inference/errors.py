@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
-                413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                405: "MethodNotAllowedError", 409: "ConflictError", 413: "RequestTooLargeError",
+                429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):
     """An answer in OpenAI's error shape: HTTP status, message and the request field at fault."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -22,9 +23,10 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "APIError"), "param": param, "code": status}}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """An error answer with its HTTP status."""
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error answer with its HTTP status (and headers such as a 429's Retry-After)."""
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def validation_error(errors: list[dict]) -> APIError:

@@ -7,6 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as vLLM and torch.Generator take it
+
+
+class AdapterConflictError(RuntimeError):
+    """A load or unload of an adapter name while another operation on that name is in progress (the server answers
+    409): operations on one name are serialised, never interleaved."""
+
+    def __init__(self, name: str, operation: str) -> None:
+        super().__init__(f"adapter {name!r}: a {operation} of this name is in progress; retry when it is done")
+        self.name = name
+        self.operation = operation
+
+    def __reduce__(self) -> tuple:  # picklable with its fields (exceptions pickle their message args by default)
+        return type(self), (self.name, self.operation)
+
 
 class ParamError(ValueError):
     """A request setting out of range, with the request field it is about (`param`: a GenerationParams field, or
@@ -52,8 +67,9 @@ class GenerationParams:
             raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0)):
             raise ParamError("top_k", f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ParamError("seed", f"seed must be an integer, got {self.seed!r}")
+        low, high = SEED_RANGE
+        if self.seed is not None and (not isinstance(self.seed, int) or not low <= self.seed <= high):
+            raise ParamError("seed", f"seed must be an integer in [-2**63, 2**63 - 1] (int64), got {self.seed!r}")
 
 
 @dataclass(frozen=True)

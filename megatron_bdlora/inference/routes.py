@@ -7,17 +7,22 @@ The app: routes, error answers and Prometheus metrics.
                                 both: `stream: true` for server-sent events ending in `data: [DONE]`
   GET  /v1/models[/{id}]        the base model and the adapters (`parent` = base, `root` = adapter path)
   POST /v1/load_lora_adapter    {"lora_name", "lora_path"};  POST /v1/unload_lora_adapter {"lora_name"}
-  GET  /health                  200 while the engine runs;   GET /metrics  Prometheus text format
+                                (404 unless --enable-lora-runtime-updating; paths only under --lora-root)
+  GET  /health                  200 while the engine steps;  GET /metrics  Prometheus text format
 
+With an API key every /v1/* route needs `Authorization: Bearer KEY` (401 otherwise); /health and /metrics stay open.
 Bad input is answered before it reaches the engine, as OpenAI's error JSON
-`{"error": {"message", "type", "param", "code"}}` with status 400 (404 for an unknown model or adapter). Request
-bodies are in protocol.py, errors in errors.py, and what happens between a request and the engine in frontend.py.
+`{"error": {"message", "type", "param", "code"}}` with status 400 (404 for an unknown model or adapter, 409 for a
+concurrent load/unload of one adapter, 413 for a body over the limit, 429 with Retry-After when the requests in
+flight are at their bound). Request bodies are in protocol.py, errors in errors.py, limits in policy.py, the key and
+the body limit in http_guard.py, and what happens between a request and the engine in frontend.py.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Mapping
 
 from fastapi import FastAPI, Request
@@ -30,6 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megatron_bdlora.inference.errors import APIError, error_response, validation_error
 from megatron_bdlora.inference.frontend import OpenAIFrontEnd
+from megatron_bdlora.inference.http_guard import RequestGuard
+from megatron_bdlora.inference.policy import ServerPolicy
 from megatron_bdlora.inference.protocol import (
     CHAT,
     COMPLETION,
@@ -56,14 +63,18 @@ _METRIC_HELP = {
     "adapters_resident": "Adapters in device slots",
     "engine_evictions_total": "Requests evicted from the KV cache",
     "engine_steps_total": "Engine steps",
+    "requests_failed_total": "Requests that ended with an error inside the engine (the others went on)",
 }
+_REJECT_REASONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 409: "conflict",
+                   413: "body_too_large", 429: "queue_full"}
 
 
-class _LoopCollector(Collector):
-    """Prometheus view of loop.metrics() read at scrape time: `*_total` keys are counters, the rest gauges."""
+class _ServerCollector(Collector):
+    """Prometheus view read at scrape time: loop.metrics() (`*_total` keys are counters, the rest gauges), the front
+    end's refusals and requests in flight, and vLLM's `vllm:lora_requests_info` (which LoRA-affinity routers read)."""
 
-    def __init__(self, loop: "ServingLoop"):
-        self.loop = loop
+    def __init__(self, front: OpenAIFrontEnd):
+        self.front, self.loop = front, front.loop
 
     def collect(self):
         for key, value in sorted(self.loop.metrics().items()):
@@ -73,29 +84,52 @@ class _LoopCollector(Collector):
                 yield CounterMetricFamily(name.removesuffix("_total"), doc, value=float(value))
             else:
                 yield GaugeMetricFamily(name, doc, value=float(value))
+        rejected = CounterMetricFamily("bdlora_requests_rejected", "Requests refused before the engine, by reason",
+                                       labels=["reason"])
+        for reason in sorted({*_REJECT_REASONS.values(), *self.front.rejected}):
+            rejected.add_metric([reason], float(self.front.rejected[reason]))
+        yield rejected
+        yield GaugeMetricFamily("bdlora_requests_in_flight", "Generation requests admitted and not yet answered "
+                                "(bounded by --max-queued-requests)", value=float(self.front.in_flight))
+        info = self.loop.lora_info()
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM's gauge; the "
+                                 "value is the time of the scrape)",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        lora.add_metric([str(info["max_lora"]), ",".join(info["running"]), ",".join(info["waiting"])], time.time())
+        yield lora
 
 
 def build_app(loop: "ServingLoop", *, served_model_name: str | None = None, base_root: str | None = None,
-              adapter_paths: Mapping[str, str] | None = None) -> FastAPI:
-    """The OpenAI-compatible app over a started ServingLoop; names/paths default to the loop's own."""
-    front = OpenAIFrontEnd(loop, served_model_name, base_root, adapter_paths)
+              adapter_paths: Mapping[str, str] | None = None, policy: ServerPolicy | None = None) -> FastAPI:
+    """The OpenAI-compatible app over a started ServingLoop; names/paths default to the loop's own, limits and
+    permissions to ServerPolicy's defaults."""
+    front = OpenAIFrontEnd(loop, served_model_name, base_root, adapter_paths, policy)
+    policy = front.policy
     app = FastAPI(title="megatron-bdlora", description=__doc__.split("\n")[0])
+    app.add_middleware(RequestGuard, api_key=policy.api_key, max_body_bytes=policy.max_request_bytes,
+                       on_reject=front.reject)
     app.state.front = front
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_LoopCollector(loop))
+    registry.register(_ServerCollector(front))
+
+    def answer(status: int, message: str, param: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+        if status in _REJECT_REASONS:
+            front.reject(_REJECT_REASONS[status])
+        return error_response(status, message, param, headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return error_response(err.status, err.message, err.param)
+        return answer(err.status, err.message, err.param, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         invalid = validation_error(list(err.errors()))
-        return error_response(invalid.status, invalid.message, invalid.param)
+        return answer(invalid.status, invalid.message, invalid.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail))
+        return answer(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
@@ -104,18 +138,12 @@ def build_app(loop: "ServingLoop", *, served_model_name: str | None = None, base
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        adapter, model = front.adapter_for(body.model)
-        prompt_ids = front.completion_prompt(body.prompt)
-        params = front.params(body, COMPLETION, len(prompt_ids), body.max_tokens)
-        return await front.generate(request, COMPLETION, model, adapter, prompt_ids, params, body)
+        return await front.serve(request, COMPLETION, body, body.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        adapter, model = front.adapter_for(body.model)
-        prompt_ids = front.chat_prompt(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = front.params(body, CHAT, len(prompt_ids), max_tokens)
-        return await front.generate(request, CHAT, model, adapter, prompt_ids, params, body)
+        return await front.serve(request, CHAT, body, max_tokens)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -126,18 +154,28 @@ def build_app(loop: "ServingLoop", *, served_model_name: str | None = None, base
         front.adapter_for(model)
         return front.model_card(model if model in front.loop.adapter_names() else front.base_name)
 
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoRARequest) -> PlainTextResponse:
-        return await front.load_adapter(body.lora_name, body.lora_path)
+    if policy.enable_lora_runtime_updating:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRARequest) -> PlainTextResponse:
+            return await front.load_adapter(body.lora_name, body.lora_path)
 
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoRARequest) -> PlainTextResponse:
-        return await front.unload_adapter(body.lora_name)
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRARequest) -> PlainTextResponse:
+            return await front.unload_adapter(body.lora_name)
+    else:  # refused before the body is read, as vLLM, which has no such routes then
+        @app.post("/v1/load_lora_adapter")
+        @app.post("/v1/unload_lora_adapter")
+        async def runtime_updating_disabled() -> Response:
+            front.check_runtime_updating()
 
     @app.get("/health")
     async def health() -> Response:
         if not loop.healthy():
             return error_response(503, "the serving engine is not running")
+        stalled = time.monotonic() - loop.last_step_at
+        if stalled > policy.engine_step_timeout:  # a rank hung in a collective, or a step that never ends
+            return error_response(503, f"the serving engine has not finished a step for {stalled:.0f} s "
+                                       f"(--engine-step-timeout {policy.engine_step_timeout:g})")
         return Response(status_code=200)
 
     @app.get("/metrics")

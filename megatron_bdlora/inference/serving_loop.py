@@ -8,22 +8,32 @@ slots and runs the same engine step. Each request carries its slot as engine req
 (`lora_slot`); before each forward the per-token slots are grouped once (lora_batch.SlotBatch) and handed to every
 LoRA layer, so one forward serves every adapter of the batch with the sharding plan's own communication
 (none for block-diagonal adapters).
+
+What fails for one request fails that request alone (an 'error' event), on every rank alike: a sampling failure
+(the same on every rank, computed from the same state) or an adapter that can no longer be read. Each rank reads
+adapter files itself, so reading is the one place where ranks may disagree: after each read (registration, or a
+re-read of an adapter dropped from the host cache, which the replicated pool makes every rank do at the same
+step) the ranks agree with one all-reduce, and a name only ever serves the bytes it was registered with (sha256).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import queue
 import random
 import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.inference import inference_request as ir
 from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
 from megatron.core.inference.sampling_params import SamplingParams
@@ -35,12 +45,14 @@ from megatron_bdlora.comm_count import count_collectives
 from megatron_bdlora.inference import adapter_slots
 from megatron_bdlora.inference.megatron_engine import build_dynamic_engine
 from megatron_bdlora.inference.pool import AdapterPool
-from megatron_bdlora.inference.requests import GenerationParams, GenerationRequest, TokenEvent
+from megatron_bdlora.inference.requests import AdapterConflictError, GenerationParams, GenerationRequest, TokenEvent
 from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingController
 from megatron_bdlora.inference.serving_config import ServingConfig
 from megatron_bdlora.layers import LoRAAdapter, LoRAParallelLinear
 from megatron_bdlora.lora_batch import SlotBatch
 from megatron_bdlora.model import build_model, load_base_state_dict
+
+log = logging.getLogger(__name__)
 
 GRAPH_MAX_BLOCKS = 8  # block-diagonal blocks per rank that CUDA-graph launches are sized for (checked at load)
 HEARTBEAT_S = 0.5  # an idle rank 0 still broadcasts this often, so followers never wait on a dead collective
@@ -66,10 +78,12 @@ class CancelRequest:
 
 @dataclass(frozen=True)
 class RegisterAdapter:
-    """Add an adapter to every rank's pool (read and checked on rank 0 before it is sent)."""
+    """Add an adapter to every rank's pool (read and checked on rank 0 before it is sent); every rank must read
+    the files rank 0 read (`digest`)."""
 
     name: str
     path: str
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,10 @@ class Stop:
 
 Message = AddRequest | CancelRequest | RegisterAdapter | UnregisterAdapter | Stop
 AdapterMessage = RegisterAdapter | UnregisterAdapter  # the ones a caller waits for until every rank applied them
+
+
+class AdapterReadError(ValueError):
+    """An adapter that one TP rank or more could not read (or read with other bytes): refused on every rank alike."""
 
 
 @dataclass
@@ -159,23 +177,17 @@ class ServingLoop:
         )
         self.samplers = RequestSamplers(self.hf_config["vocab_size"])
         self.engine.controller.samplers = self.samplers
-
-        def load_host(name: str, path: str):
-            return adapter_slots.load_host_adapter(
-                name, path, self.hf_config, info.tp_size, info.tp_rank, config.mode, config.max_lora_rank
-            )
-
-        self._load_host = load_host
+        # replicated state (identical on every rank)
+        self.digests: dict[str, str] = {}  # adapter -> sha256 of the files every rank read when it was registered
         self.pool = AdapterPool(
             config.max_loras,
             config.max_cpu_loras or config.max_loras,  # vLLM's default; adapters beyond it are re-read when needed
-            load_host,
+            self._load_agreed,
             lambda slot, host: adapter_slots.write_slot(model, slot, host),
             lambda slot: adapter_slots.write_slot(model, slot, None),
         )
         for name, path in config.adapters.items():
-            self.pool.register(name, str(path))
-        # replicated state (identical on every rank)
+            self.pool.register(name, str(path))  # every rank, agreed: a rank that cannot read one fails them all
         self.waiting: deque[GenerationRequest] = deque()  # admitted to the server, waiting for an adapter slot
         self.adapter_of: dict[int, str | None] = {}  # requests in the engine -> adapter (to release)
         self.unloading: list[str] = []
@@ -185,11 +197,14 @@ class ServingLoop:
         self.counters: Counter = Counter()
         self.count_collectives = False  # tests/benchmarks: count collectives of each engine step
         self.step_collectives: Counter = Counter()
+        self.last_step_at = time.monotonic()  # when this rank last finished a step (the server's liveness check)
         # rank 0 only
         self._inbox: "queue.Queue[Message]" = queue.Queue()
         self._ids = itertools.count()
         self._live: dict[int, _Live] = {}
         self._done: dict[AdapterMessage, threading.Event] = {}  # adapter message -> caller waiting for it
+        self._operations: dict[str, str] = {}  # adapter name -> the load or unload in progress for it
+        self._operations_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -245,18 +260,38 @@ class ServingLoop:
         self._inbox.put(CancelRequest(request_id))
 
     def load_adapter(self, name: str, path: str) -> None:
-        """Register an adapter on every rank (its files checked here first: ValueError / FileNotFoundError).
+        """Register an adapter on every rank: its files read, checked and hashed here first (ValueError /
+        FileNotFoundError), then every rank reads the same bytes. ValueError if the name is taken,
+        AdapterConflictError while another load or unload of the name is in progress.
 
         The name is the caller's to check (the HTTP front end answers an empty, taken or base-model name with
         vLLM's errors); the pool still refuses an empty or taken one, on every rank alike."""
-        self._load_host(name, path)  # validation: the same reading every rank does next
-        self._wait(RegisterAdapter(name, str(path)))
+        with self._operation(name, "load"):
+            if name in self.pool.names():
+                raise ValueError(f"adapter {name!r} is already registered")
+            host = self._read_host(name, path)
+            self._wait(RegisterAdapter(name, str(path), host.digest))
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter; waits for its in-flight and waiting requests to finish first."""
-        if name not in self.pool.names() or name in self.unloading:
-            raise KeyError(f"adapter {name!r} is not loaded")
-        self._wait(UnregisterAdapter(name))
+        """Forget an adapter; waits for its in-flight and waiting requests to finish first. KeyError if it is not
+        loaded, AdapterConflictError while another load or unload of the name is in progress."""
+        with self._operation(name, "unload"):
+            if name not in self.pool.names() or name in self.unloading:
+                raise KeyError(f"adapter {name!r} is not loaded")
+            self._wait(UnregisterAdapter(name))
+
+    @contextlib.contextmanager
+    def _operation(self, name: str, operation: str) -> Iterator[None]:
+        """Hold the name for one load or unload: a second one meanwhile is refused, never interleaved or queued."""
+        with self._operations_lock:
+            if name in self._operations:
+                raise AdapterConflictError(name, self._operations[name])
+            self._operations[name] = operation
+        try:
+            yield
+        finally:
+            with self._operations_lock:
+                del self._operations[name]
 
     def adapter_names(self) -> list[str]:
         return [n for n in self.pool.names() if n not in self.unloading]
@@ -272,12 +307,28 @@ class ServingLoop:
             "generated_tokens_total": float(self.counters["generated_tokens"]),
             "prompt_tokens_total": float(self.counters["prompt_tokens"]),
             "requests_finished_total": float(self.counters["finished"]),
+            "requests_failed_total": float(self.counters["failed"]),
             "engine_evictions_total": float(self.engine.evicted_request_count),
             "adapter_loads_total": float(pool["loads"]),
             "adapter_evictions_total": float(pool["evictions"]),
             "adapters_resident": float(pool["resident"]),
             "engine_steps_total": float(self.step_count),
         }
+
+    def lora_info(self) -> dict[str, Any]:
+        """vLLM's lora_requests_info: the slots, the adapters with requests in the engine and those waiting for a
+        slot (from any thread: copies of the engine thread's containers, each copied in one C call under the GIL)."""
+        running = list(self.adapter_of.values())
+        waiting = [r.adapter for r in list(self.waiting)]
+        return {
+            "max_lora": self.config.max_loras,
+            "running": sorted({a for a in running if a is not None}),
+            "waiting": sorted({a for a in waiting if a is not None}),
+        }
+
+    def inflight(self) -> int:
+        """Requests submitted and not yet finished (rank 0): what the front end bounds its queue with."""
+        return len(self._live)
 
     def healthy(self) -> bool:
         return self._error is None and (self._thread is None or self._thread.is_alive() or self.stopping)
@@ -287,11 +338,14 @@ class ServingLoop:
         self._thread = threading.Thread(target=self._run, name="serving-loop", daemon=True)
         self._thread.start()
 
-    def shutdown(self, drain: bool = True) -> None:
-        """Stop every rank's loop (after the requests in flight finish, if drain)."""
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop every rank's loop (after the requests in flight finish, if drain); True once the loop thread has
+        ended, False if it has not within `timeout` seconds (a rank hung in a collective)."""
         self._inbox.put(Stop(drain))
-        if self._thread is not None:
-            self._thread.join()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def run_follower(self) -> None:
         """Ranks != 0: step in lockstep with rank 0 until it stops."""
@@ -304,18 +358,29 @@ class ServingLoop:
                 self.step(wait=True)
         except BaseException as err:  # a collective failed (a rank died) or a bug: the server must not go on
             self._error = err
-            for live in list(self._live.values()):
-                self._finish(live, "error", error=f"serving loop failed: {err}")
             raise
+        finally:
+            self._release_callers()
+
+    def _release_callers(self) -> None:
+        """The loop thread has ended: whoever still waits on it gets an answer (requests and adapter operations
+        queued after the Stop, or everything if the loop failed)."""
+        error = f"serving loop failed: {self._error}" if self._error is not None else None
+        for live in list(self._live.values()):
+            self._finish(live, "error" if error else "abort", error=error)
+        for message in list(self._done):
+            self._signal(message, RuntimeError(error or "the server is shutting down"))
 
     def _wait(self, message: AdapterMessage) -> None:
-        """Queue an adapter operation for the next step and block until every rank has applied it."""
+        """Queue an adapter operation for the next step and block until every rank has applied it (RuntimeError if
+        the loop stops or fails first)."""
         done = self._done[message] = threading.Event()
         done.error = None
         self._inbox.put(message)
         while not done.wait(0.2):
-            if not self.healthy():
-                raise RuntimeError(f"serving loop stopped: {self._error}")
+            if self._error is not None or (self._thread is not None and not self._thread.is_alive()):
+                self._done.pop(message, None)
+                raise RuntimeError(f"serving loop stopped: {self._error or 'shut down'}")
         if done.error is not None:
             raise done.error
 
@@ -324,6 +389,51 @@ class ServingLoop:
         if done is not None:
             done.error = error
             done.set()
+
+    # ---------------------------------------------------------------- every rank: reading adapters
+    def _read_host(self, name: str, path: str, expected_digest: str | None = None) -> adapter_slots.HostAdapter:
+        """This rank's copy of an adapter, read from its files (no collective)."""
+        c = self.config
+        return adapter_slots.load_host_adapter(
+            name, path, self.hf_config, self.info.tp_size, self.info.tp_rank, c.mode, c.max_lora_rank,
+            expected_digest=expected_digest,
+        )
+
+    def _load_agreed(self, name: str, path: str) -> adapter_slots.HostAdapter:
+        """The pool's loader (registration, and re-reads of adapters dropped from the host cache): every rank reads
+        its own copy, then one all-reduce; if any rank failed, or the ranks read different bytes, every rank raises
+        AdapterReadError. A registered adapter's bytes must be those it was registered with."""
+        reread = name in self.pool.names()
+        try:
+            host, error = self._read_host(name, path, self.digests.get(name)), None
+        except (ValueError, OSError) as err:
+            host, error = None, err
+            log.warning("TP rank %d: cannot read adapter %r from %s: %s", self.info.tp_rank, name, path, err)
+        failed_ranks, same_bytes = self._agree(None if host is None else host.digest)
+        if error is None and failed_ranks:
+            error = AdapterReadError(f"TP rank(s) {failed_ranks} could not read it (see their logs)")
+        elif error is None and not same_bytes:
+            error = AdapterReadError(f"the TP ranks read different bytes from {path} (files changed while read)")
+        if error is not None:
+            what = "re-read" if reread else "read"
+            raise AdapterReadError(f"adapter {name!r} could not be {what} from {path}: {error}") from error
+        self.digests[name] = host.digest
+        return host
+
+    def _agree(self, digest: str | None) -> tuple[list[int], bool]:
+        """(TP ranks whose read failed, whether the others read the same bytes) from each rank's digest (None:
+        failed): one all-reduce(MIN) of [ok per rank, digest bytes, -digest bytes], so min == -max per byte."""
+        tp = self.info.tp_size
+        if tp == 1:
+            return ([] if digest is not None else [0]), True
+        ok = torch.ones(tp, dtype=torch.int64)
+        ok[self.info.tp_rank] = int(digest is not None)
+        byte_values = torch.tensor(list(bytes.fromhex(digest or "00" * 32)), dtype=torch.int64)  # [32]
+        flags = torch.cat([ok, byte_values, -byte_values]).to(self.info.device)  # [tp + 64]
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=parallel_state.get_tensor_model_parallel_group())
+        flags = flags.cpu()
+        failed = [r for r in range(tp) if flags[r] == 0]
+        return failed, bool((flags[tp : tp + 32] == -flags[tp + 32 :]).all())
 
     # ---------------------------------------------------------------- every rank: one step
     def step(self, wait: bool = False) -> None:
@@ -344,6 +454,7 @@ class ServingLoop:
             self._engine_step()
         self._retire_unloads()
         self.step_count += 1
+        self.last_step_at = time.monotonic()
 
     def _collect(self, wait: bool) -> list[Message]:
         """Rank 0: everything that arrived since the last step (waits up to a heartbeat when idle)."""
@@ -364,6 +475,8 @@ class ServingLoop:
     def _apply(self, messages: list[Message]) -> None:
         for message in messages:
             match message:
+                case AddRequest(request) if self.stopping:  # queued behind a Stop: the loop ends after this step
+                    self._end_waiting(request, "abort")
                 case AddRequest(request):
                     self.waiting.append(request)
                     self.counters["prompt_tokens"] += len(request.prompt_ids)
@@ -371,6 +484,8 @@ class ServingLoop:
                     self._cancel(request_id, "abort")
                 case RegisterAdapter():
                     self._register(message)
+                case UnregisterAdapter(name) if name not in self.pool.names() or name in self.unloading:
+                    self._signal(message, KeyError(f"adapter {name!r} is not loaded"))  # never unregister it twice
                 case UnregisterAdapter(name):
                     self.unloading.append(name)
                 case Stop(drain):
@@ -379,11 +494,17 @@ class ServingLoop:
                     raise TypeError(f"unknown serving loop message {message!r}")
 
     def _register(self, message: RegisterAdapter) -> None:
+        """Every rank reads the adapter and must find the bytes rank 0 checked (the pool's loader agrees on it)."""
         err = None
+        fresh = message.name not in self.digests  # a taken name keeps its digest (the pool refuses it, unread)
+        if fresh:
+            self.digests[message.name] = message.digest
         try:
             self.pool.register(message.name, message.path)
-        except (ValueError, FileNotFoundError) as e:  # files read on rank 0 just before: a taken name, or a race
+        except (ValueError, OSError) as e:  # a taken name, or the files changed since rank 0 read them
             err = e
+            if fresh:
+                del self.digests[message.name]
         self._signal(message, err)
 
     def _stop(self, drain: bool) -> None:
@@ -395,28 +516,44 @@ class ServingLoop:
             self._admit()
             if self.engine.has_unfinished_requests():
                 self._engine_step()
+            self.last_step_at = time.monotonic()
 
     def _admit(self) -> None:
         """Move waiting requests into the engine as their adapters get slots (FIFO per adapter; a request whose
         adapter cannot get a slot now waits without blocking requests for resident adapters)."""
         blocked: set[str] = set()
+        unreadable: dict[str, str] = {}  # adapter -> why it could not be read again (this step)
         still = deque()
         for req in self.waiting:
             slot = -1
+            if req.adapter in unreadable:
+                self._end_waiting(req, "error", unreadable[req.adapter])
+                continue
             if req.adapter is not None:
-                slot = None if req.adapter in blocked else self.pool.acquire(req.adapter)
+                try:
+                    slot = None if req.adapter in blocked else self.pool.acquire(req.adapter)
+                except AdapterReadError as err:  # raised on every rank alike; the pool is unchanged
+                    unreadable[req.adapter] = str(err)
+                    self._end_waiting(req, "error", str(err))
+                    continue
                 if slot is None:
                     blocked.add(req.adapter)
                     still.append(req)
                     continue
             p = req.params
+            try:
+                self.samplers.add(req.request_id, p, p.seed or 0)
+            except Exception as err:  # any int seeds a generator; anything else fails this request only
+                if req.adapter is not None:
+                    self.pool.release(req.adapter)
+                self._end_waiting(req, "error", f"cannot seed the sampler with seed={p.seed!r}: {err}")
+                continue
             sp = SamplingParams(
                 num_tokens_to_generate=p.max_tokens,
                 termination_id=-1 if p.ignore_eos else self.eos_id,
                 top_k=1,
             )
             sp.add_attributes({"lora_slot": slot})
-            self.samplers.add(req.request_id, p, p.seed or 0)
             self.adapter_of[req.request_id] = req.adapter
             self.engine.add_request(req.request_id, list(req.prompt_ids), sp)
         self.waiting = still
@@ -429,6 +566,8 @@ class ServingLoop:
         else:
             result = self.engine.step_modern()
         finished = {rec.request_id: rec for rec in result["finished_request_records"]}
+        for rid, why in sorted(self.samplers.take_failures().items()):  # the same on every rank
+            self._fail(rid, why, in_engine=rid not in finished)
         if self.is_leader:
             for rid in result["active_request_ids"]:
                 self._publish(rid, self._tokens(self.engine.requests[rid].record), None)
@@ -455,13 +594,28 @@ class ServingLoop:
         for req in list(self.waiting):
             if req.request_id == rid:
                 self.waiting.remove(req)
-                self.counters["finished"] += 1
-                break
-        else:
-            if rid in self.adapter_of:
-                self._abort_in_engine(rid)
+                self._end_waiting(req, reason)
+                return
+        if rid in self.adapter_of:
+            self._abort_in_engine(rid)
         if self.is_leader and rid in self._live:
             self._finish(self._live[rid], reason)
+
+    def _end_waiting(self, req: GenerationRequest, reason: str, error: str | None = None) -> None:
+        """A request that never entered the engine is finished (it is out of `waiting` already)."""
+        self.counters["finished"] += 1
+        self.counters["failed"] += error is not None
+        if self.is_leader and req.request_id in self._live:
+            self._finish(self._live[req.request_id], reason, error)
+
+    def _fail(self, rid: int, error: str, in_engine: bool) -> None:
+        """End one request with an error (the others go on): its caller is told, the engine drops it."""
+        self.counters["failed"] += 1
+        self.samplers.remove(rid)
+        if in_engine:
+            self._abort_in_engine(rid)
+        if self.is_leader and rid in self._live:
+            self._finish(self._live[rid], "error", error)
 
     def _abort_in_engine(self, rid: int) -> None:
         """Finish a request early: out of the engine's queue, or its length cap lowered so it ends next step.
@@ -487,6 +641,7 @@ class ServingLoop:
         for name in list(self.unloading):
             if self.pool.pinned(name) == 0 and all(r.adapter != name for r in self.waiting):
                 self.pool.unregister(name)
+                self.digests.pop(name, None)
                 self.unloading.remove(name)
                 self._signal(UnregisterAdapter(name))
 

@@ -15,7 +15,7 @@ import yaml
 
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.config_file import ConfigError, build_section
-from megatron_bdlora.training.checkpoint import check_resume_layout
+from megatron_bdlora.training.checkpoint import check_resume
 from megatron_bdlora.training.data import require_data_file
 
 
@@ -125,6 +125,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def checkpoint_dir(self) -> Path:
+        """Where the run's checkpoints go: checkpoint.dir, else <logging.dir>/checkpoints."""
+        return Path(self.checkpoint.dir or Path(self.logging.dir) / "checkpoints")
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -162,12 +166,12 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
 
 
 def check_run_files(cfg: TrainConfig, world_size: int, resume: bool) -> BatchLayout:
-    """The run's checks that read no model (layout, checkpoint to resume, data files), so the trainer's command line
-    answers them before its heavy imports; raises ConfigError / FileNotFoundError."""
+    """The run's checks that read no model (layout, checkpoint to resume and its LoRA settings, data files), so the
+    trainer's command line answers them before its heavy imports; raises ConfigError / FileNotFoundError."""
     layout = batch_layout(cfg, world_size)
     if resume:
         try:
-            check_resume_layout(cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints", layout.tp, layout.dp)
+            check_resume(cfg.checkpoint_dir(), layout.tp, layout.dp, cfg.lora.settings(cfg.seed))
         except ValueError as err:
             raise ConfigError(str(err)) from None
     for key, path in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):

@@ -3,17 +3,21 @@
 The megatron model stays as built (TP layers, frozen base); DeepSpeed sees just the LoRA factors, averages
 their gradients over the data-parallel group, shards optimiser state (ZeRO 1) and gradients (ZeRO 2) over it,
 clips with a TP-aware norm (TP-split factors counted on every TP rank, replicated ones once) and saves /
-restores optimiser and scheduler state. The same code path runs on gloo/CPU and nccl/GPU.
+restores optimiser and scheduler state, reading its files with torch.load(weights_only=True). The same code path
+runs on gloo/CPU and nccl/GPU.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
 
+from megatron_bdlora.training.checkpoint import load_weights_only
 from megatron_bdlora.training.config import TrainConfig
 
 
@@ -86,6 +90,21 @@ def _skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles into its optimizer files beside tensors and plain values (ZeRO 1/2, fp32 and
+    bf16, deepspeed 0.19): plain data classes whose unpickling runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
+    """One DeepSpeed checkpoint file, loaded weights-only (see load_weights_only)."""
+    return load_weights_only(path, deepspeed_safe_globals(), map_location)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, grad_accum: int):
     """(engine, lr_scheduler): DeepSpeed over the trainable (adapter) parameters with AdamW + warmup/cosine."""
     _skip_cpu_shm_build()
@@ -113,4 +132,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, grad_accum: int):
         mpu=MegatronMPU(),
         dist_init_required=False,
     )
+    # DeepSpeed reads every model and optimizer file of engine.load_checkpoint through its checkpoint engine, whose
+    # torch engine calls torch.load(weights_only=False) with no setting to change it: replace that one method
+    engine.checkpoint_engine.load = load_deepspeed_file
     return engine, scheduler

@@ -7,6 +7,7 @@ so TP=1 x DP=2 and TP=1 x DP=1 with twice the accumulation take identical steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -32,7 +33,13 @@ from megatron_bdlora.model import (
 )
 from megatron_bdlora.parallel import init_parallel
 from megatron_bdlora.targets import check_llama_config, lora_plan
-from megatron_bdlora.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_bdlora.training.checkpoint import (
+    base_model_identity,
+    check_resume_base,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_bdlora.training.config import ConfigError, TrainConfig, check_run_files
 from megatron_bdlora.training.data import GlobalBatchSampler, collate, load_examples
 from megatron_bdlora.training.deepspeed_engine import build_engine
@@ -58,11 +65,16 @@ class PreparedRun:
 
 
 def prepare_run(cfg: TrainConfig, world_size: int, rank: int = 0, resume: bool = False) -> PreparedRun:
-    """Resolve the base model, validate shapes/plans, the checkpoint to resume and the adapter to start from, and
-    load the data; raises ConfigError / FileNotFoundError / ValueError."""
+    """Resolve the base model, validate shapes/plans, the checkpoint to resume (layout, LoRA settings, base model) and
+    the adapter to start from, and load the data; raises ConfigError / FileNotFoundError / ValueError."""
     layout = check_run_files(cfg, world_size, resume)
     tp, dp = layout.tp, layout.dp
     hf_dir = resolve_hf_base(cfg.model.base, cfg.model.random_config, cfg.seed)
+    if resume:
+        try:
+            check_resume_base(cfg.checkpoint_dir(), hf_dir, cfg.model.base)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     hf_config = json.loads((hf_dir / "config.json").read_text())
     settings = cfg.lora.settings(cfg.seed)
     try:
@@ -132,7 +144,7 @@ class Trainer:
         )
         self.engine, self.scheduler = build_engine(self.model, cfg, self.grad_accum)
         self.log_dir = Path(cfg.logging.dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.log_dir / "checkpoints")
+        self.ckpt_dir = cfg.checkpoint_dir()
         self.step = 0
         self.history: list[dict[str, Any]] = []
 
@@ -222,11 +234,17 @@ class Trainer:
                 )
         dist.barrier()
 
+    @functools.cached_property
+    def base_model(self) -> dict[str, str] | None:
+        """The base model's identity, recorded in every checkpoint: hashed once, by rank 0, which writes it."""
+        return base_model_identity(self.run_info.hf_dir) if self.info.rank == 0 else None
+
     def save(self) -> Path:
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "history": self.history}
-        layout = {"tp": self.run_info.tp, "dp": self.run_info.dp, "world_size": self.run_info.tp * self.run_info.dp}
+        tp, dp = self.run_info.tp, self.run_info.dp
+        meta = {"tp": tp, "dp": dp, "world_size": tp * dp, "base_model": self.base_model}
         return save_checkpoint(
-            self.ckpt_dir, self.step, self.engine, state, self.write_adapter, self.cfg.checkpoint.keep, layout
+            self.ckpt_dir, self.step, self.engine, state, self.write_adapter, self.cfg.checkpoint.keep, meta
         )
 
     def resume(self) -> bool:

@@ -40,7 +40,8 @@ def live(tmp_path_factory):
     adapters = write_adapters(root, meg, 2, ["a0", "a1", "a2", "a3"])
     server = LiveServer(2, ["--megatron-dir", str(meg), "--mode", "block_diagonal", "--adapter", f"a0={adapters['a0']}",
                             "--adapter", f"a1={adapters['a1']}", "--max-loras", "2", "--max-lora-rank", "16",
-                            "--max-model-len", "128", "--max-num-seqs", "16", "--kv-cache-gb", "0.05"])
+                            "--max-model-len", "128", "--max-num-seqs", "16", "--kv-cache-gb", "0.05",
+                            "--enable-lora-runtime-updating"])
     yield server, meg, adapters
     server.stop()
 

@@ -1,11 +1,7 @@
 """The OpenAI-compatible server (inference/routes.py, frontend.py, protocol.py, errors.py) against a fake
-ServingLoop; serve.py's CLI and process flow; launch/serve.sh and launch/slurm/serve.sbatch with stand-ins for python,
-srun and scontrol.
-
-FakeLoop implements the ServingLoop interface with canned text: a byte-level tokenizer and a background thread that
-emits two tokens per request per step, ending requests as TokenEvent defines (max_tokens: 'length'; end of the
-canned text, a stop string or a stop id: 'stop'; cancel: 'abort'). HTTP servers run uvicorn on 127.0.0.1 and a
-free port; requests go through the official openai client where it applies, raw bodies through httpx2.
+ServingLoop (fake_server.py); serve.py's CLI and process flow; launch/serve.sh and launch/slurm/serve.sbatch with
+stand-ins for python, srun and scontrol. Requests go through the official openai client where it applies, raw bodies
+through httpx2.
 """
 
 from __future__ import annotations
@@ -19,219 +15,19 @@ import sys
 import threading
 import time
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import openai
 import pytest
+from fake_server import BASE, CANNED, FakeLoop, Served, adapter_dir, error_json, start_http, still_serving
 from prometheus_client.parser import text_string_to_metric_families
 
-from megatron_bdlora.inference.requests import GenerationParams, TokenEvent
+from megatron_bdlora.inference.policy import ServerPolicy
+from megatron_bdlora.inference.requests import GenerationParams
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-BASE = "fake-base"
-CANNED = {None: "The capital of France is Paris.", "poet": "Of Man's first disobedience, and the fruit"}
-FILLER = " and so on"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the fake engine
-
-
-class ByteTokenizer:
-    """ids 0, 1, 2: pad, bos, eos; then one id per UTF-8 byte (id = byte + 3)."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __len__(self) -> int:
-        return 256 + 3
-
-    def encode(self, text: str) -> list[int]:
-        return [b + 3 for b in text.encode()]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
-
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, return_dict=False):
-        for m in messages:
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ValueError(f"unknown role {m['role']!r}")  # what a template's raise_exception does
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + (
-            "<assistant>" if add_generation_prompt else ""
-        )
-        return self.encode(text) if tokenize else text
-
-
-@dataclass
-class _FakeJob:
-    request_id: int
-    events: queue.Queue
-    planned: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    adapter: str | None
-    sent: int = 0
-
-
-class FakeLoop:
-    """The ServingLoop interface (rank 0 side) with canned token streams instead of a model."""
-
-    base_name = BASE
-    max_model_len = 128
-
-    def __init__(self, adapters: dict[str, str] | None = None, step_s: float = 0.002):
-        self.tokenizer = ByteTokenizer()
-        self.adapters = dict(adapters or {})
-        self.step_s = step_s
-        self.alive = True
-        self.submitted: list[tuple[list[int], str | None, GenerationParams]] = []
-        self.cancelled: list[int] = []
-        self.shutdowns: list[bool] = []
-        self.counters = dict.fromkeys(("generated_tokens_total", "prompt_tokens_total", "requests_finished_total",
-                                       "adapter_loads_total", "adapter_evictions_total"), 0)
-        self._jobs: dict[int, _FakeJob] = {}
-        self._next_id = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # -- the engine thread
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="fake-engine", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.step_s):
-            if not self.alive:
-                continue  # a dead engine emits nothing
-            with self._lock:
-                for job in list(self._jobs.values()):
-                    new = job.planned[job.sent:job.sent + 2]
-                    job.sent += len(new)
-                    done = job.sent == len(job.planned)
-                    self.counters["generated_tokens_total"] += len(new)
-                    job.events.put(TokenEvent(job.request_id, tuple(new), self.tokenizer.decode(new), done,
-                                              job.finish_reason if done else None,
-                                              error="injected failure" if job.finish_reason == "error" else None,
-                                              prompt_tokens=job.prompt_tokens, completion_tokens=job.sent))
-                    if done:
-                        del self._jobs[job.request_id]
-                        self.counters["requests_finished_total"] += 1
-
-    def _plan(self, prompt_ids: list[int], adapter: str | None, params: GenerationParams) -> tuple[list[int], str]:
-        if "FAIL" in self.tokenizer.decode(prompt_ids):
-            return [], "error"
-        text = CANNED.get(adapter, f"{adapter} says hello.")
-        ids = self.tokenizer.encode(text)
-        if params.ignore_eos:
-            ids += self.tokenizer.encode(FILLER * (params.max_tokens // len(FILLER) + 1))
-        reason = "stop" if len(ids) < params.max_tokens else "length"
-        ids = ids[:params.max_tokens]
-        for stop_id in params.stop_token_ids:
-            if stop_id in ids:
-                ids, reason = ids[:ids.index(stop_id)], "stop"
-        cuts = [self.tokenizer.decode(ids).find(s) for s in params.stop]
-        if any(c >= 0 for c in cuts):
-            ids, reason = ids[:min(c for c in cuts if c >= 0)], "stop"  # bytes = tokens here
-        return ids, reason
-
-    # -- the interface
-    def submit(self, prompt_ids: list[int], adapter: str | None, params: GenerationParams):
-        if adapter is not None and adapter not in self.adapters:
-            raise KeyError(adapter)
-        params.check(len(prompt_ids), self.max_model_len)
-        planned, reason = self._plan(list(prompt_ids), adapter, params)
-        with self._lock:
-            self._next_id += 1
-            job = _FakeJob(self._next_id, queue.Queue(), planned, reason, len(prompt_ids), adapter)
-            self._jobs[job.request_id] = job
-            self.submitted.append((list(prompt_ids), adapter, params))
-            self.counters["prompt_tokens_total"] += len(prompt_ids)
-        return job.request_id, job.events
-
-    def cancel(self, request_id: int) -> None:
-        with self._lock:
-            self.cancelled.append(request_id)
-            job = self._jobs.pop(request_id, None)
-            if job is not None:
-                job.events.put(TokenEvent(request_id, (), "", True, "abort", prompt_tokens=job.prompt_tokens,
-                                          completion_tokens=job.sent))
-
-    def load_adapter(self, name: str, path: str) -> None:
-        time.sleep(0.05)  # blocking, as reading safetensors is
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} is already registered")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"adapter directory {path} does not exist")
-        if not any((Path(path) / f).is_file() for f in ("adapter_manifest.json", "adapter_config.json")):
-            raise ValueError(f"{path} is not an adapter directory (no adapter_manifest.json or adapter_config.json)")
-        self.adapters[name] = path
-        self.counters["adapter_loads_total"] += 1
-
-    def unload_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise KeyError(name)
-        del self.adapters[name]
-        self.counters["adapter_evictions_total"] += 1
-
-    def adapter_names(self) -> list[str]:
-        return sorted(self.adapters)
-
-    def metrics(self) -> dict[str, float]:
-        with self._lock:
-            return {"running": len(self._jobs), "waiting": 0, **self.counters}
-
-    def healthy(self) -> bool:
-        return self.alive
-
-    def shutdown(self, drain: bool = True) -> None:
-        self.shutdowns.append(drain)
-        for _ in range(1000):  # bounded: 10 s
-            if not drain or not self._jobs:
-                break
-            time.sleep(0.01)
-        self._stop.set()
-
-    def run_follower(self) -> None:
-        raise AssertionError("rank 0 only in these tests")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# fixtures
-
-
-def _adapter_dir(root: Path, name: str) -> Path:
-    path = root / name
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text("{}")
-    return path
-
-
-@dataclass
-class Served:
-    """A running server: its fake loop, base URL and clients."""
-
-    loop: FakeLoop
-    url: str
-    client: openai.OpenAI
-    http: httpx2.Client
-    adapters_root: Path
-
-
-def _start_http(app, host: str = "127.0.0.1"):
-    from megatron_bdlora.serve import HTTPServer, listen_socket
-
-    server = HTTPServer(app, listen_socket(host, 0), host)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    for _ in range(200):  # bounded: 10 s
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    return server, thread
 
 
 @pytest.fixture(scope="module")
@@ -239,11 +35,11 @@ def served(tmp_path_factory):
     from megatron_bdlora.inference.routes import build_app
 
     root = tmp_path_factory.mktemp("adapters")
-    poet = _adapter_dir(root, "poet")
+    poet = adapter_dir(root, "poet")
     loop = FakeLoop({"poet": str(poet)})
     loop.start()
-    app = build_app(loop, adapter_paths={"poet": str(poet)})
-    server, thread = _start_http(app)
+    app = build_app(loop, adapter_paths={"poet": str(poet)}, policy=ServerPolicy(enable_lora_runtime_updating=True))
+    server, thread = start_http(app)
     http = httpx2.Client(base_url=server.url, timeout=10, trust_env=False)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=10,
                            http_client=httpx2.Client(trust_env=False))
@@ -262,25 +58,6 @@ def fresh(served):
     yield served
     served.loop.alive, served.loop.step_s = True, 0.002
 
-
-def _still_serving(s: Served) -> None:
-    """After an error: a normal request still works."""
-    out = s.client.completions.create(model=BASE, prompt="Q", max_tokens=64)
-    assert out.choices[0].text == CANNED[None] and out.choices[0].finish_reason == "stop"
-
-
-def _error(res: httpx2.Response, status: int, param: str | None = None, *words: str) -> dict:
-    """The OpenAI error JSON of a raw response, checked for shape, status, param and message words."""
-    assert res.status_code == status, res.text
-    body = res.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    err = body["error"]
-    assert err["code"] == status and err["param"] == param, err
-    assert err["type"] == {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-                           503: "ServiceUnavailableError"}[status]
-    for word in words:
-        assert word in err["message"], err
-    return err
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -433,7 +210,7 @@ def test_client_disconnect_cancels_the_request_streamed_or_not(fresh):
             break
         time.sleep(0.05)
     assert len(fresh.loop.cancelled) == 2 and fresh.loop.metrics()["running"] == 0
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 def test_engine_error_event_is_a_500_or_an_sse_error_and_the_server_keeps_serving(fresh):
@@ -442,21 +219,21 @@ def test_engine_error_event_is_a_500_or_an_sse_error_and_the_server_keeps_servin
     assert "injected failure" in err.value.body["message"]
     with pytest.raises(openai.APIError, match="injected failure"):
         list(fresh.client.completions.create(model=BASE, prompt="FAIL", max_tokens=5, stream=True))
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 def test_dead_engine_answers_503_instead_of_hanging(fresh):
     fresh.loop.alive = False
     start = time.monotonic()
-    _error(fresh.http.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 503, None, "engine stopped")
+    error_json(fresh.http.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 503, None, "engine stopped")
     assert time.monotonic() - start < 5
-    _error(fresh.http.get("/health"), 503, None)
+    error_json(fresh.http.get("/health"), 503, None)
     with fresh.http.stream("POST", "/v1/completions", json={"model": BASE, "prompt": "x", "stream": True}) as res:
         raw = "".join(res.iter_text())
     assert '"code":503' in raw and raw.endswith("data: [DONE]\n\n")
     fresh.loop.alive = True
     assert fresh.http.get("/health").status_code == 200
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -475,9 +252,9 @@ def test_unknown_model_is_404_not_found(fresh):
     }
     with pytest.raises(openai.NotFoundError):
         fresh.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}], stream=True)
-    _error(fresh.http.get("/v1/models/nope"), 404, "model")
-    _error(fresh.http.get("/v1/no/such/route"), 404, None)
-    _still_serving(fresh)
+    error_json(fresh.http.get("/v1/models/nope"), 404, "model")
+    error_json(fresh.http.get("/v1/no/such/route"), 404, None)
+    still_serving(fresh)
 
 
 @pytest.mark.parametrize(("content", "headers", "words"), [
@@ -487,8 +264,8 @@ def test_unknown_model_is_404_not_found(fresh):
     (b"", {"content-type": "application/json"}, ["body is missing"]),
 ])
 def test_malformed_body_is_400(fresh, content, headers, words):
-    _error(fresh.http.post("/v1/completions", content=content, headers=headers), 400, None, *words)
-    _still_serving(fresh)
+    error_json(fresh.http.post("/v1/completions", content=content, headers=headers), 400, None, *words)
+    still_serving(fresh)
 
 
 @pytest.mark.parametrize(
@@ -517,8 +294,8 @@ def test_malformed_body_is_400(fresh, content, headers, words):
     ],
 )
 def test_missing_or_mistyped_field_is_400_naming_it(fresh, path, body, param, words):
-    _error(fresh.http.post(path, json=body), 400, param, *words)
-    _still_serving(fresh)
+    error_json(fresh.http.post(path, json=body), 400, param, *words)
+    still_serving(fresh)
 
 
 @pytest.mark.parametrize(("kwargs", "param", "words"), [
@@ -552,7 +329,7 @@ def test_out_of_range_values_are_400_naming_the_field(fresh, kwargs, param, word
     assert err.value.body["type"] == "BadRequestError" and err.value.body["code"] == 400
     assert all(w in err.value.body["message"] for w in words), err.value.body
     assert not fresh.loop.submitted  # rejected before the engine
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 @pytest.mark.parametrize(
@@ -580,7 +357,7 @@ def test_bad_chat_requests_are_400(fresh, kwargs, param, words):
     with pytest.raises(openai.BadRequestError) as err:
         fresh.client.chat.completions.create(model=BASE, **kwargs)
     assert err.value.body["param"] == param and all(w in err.value.body["message"] for w in words), err.value.body
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -601,7 +378,7 @@ def test_models_lists_the_base_and_the_adapters_like_vllm(fresh):
 
 
 def test_load_and_unload_adapter_change_models_and_routing(fresh):
-    path = _adapter_dir(fresh.adapters_root, "pirate")
+    path = adapter_dir(fresh.adapters_root, "pirate")
     res = fresh.http.post("/v1/load_lora_adapter", json={"lora_name": "pirate", "lora_path": str(path)})
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
     assert res.text == "Success: LoRA adapter 'pirate' added successfully."
@@ -613,29 +390,29 @@ def test_load_and_unload_adapter_change_models_and_routing(fresh):
     }
     out = fresh.client.completions.create(model="pirate", prompt="x", max_tokens=64)
     assert out.choices[0].text == "pirate says hello." and fresh.loop.submitted[-1][1] == "pirate"
-    _error(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": "pirate", "lora_path": str(path)}), 400,
+    error_json(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": "pirate", "lora_path": str(path)}), 400,
            "lora_name", "already been loaded")
     res = fresh.http.post("/v1/unload_lora_adapter", json={"lora_name": "pirate"})
     assert res.status_code == 200 and res.text == "Success: LoRA adapter 'pirate' removed successfully."
     assert list(_models(fresh)) == [BASE, "poet"]
     with pytest.raises(openai.NotFoundError):
         fresh.client.completions.create(model="pirate", prompt="x")
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 def test_adapter_load_and_unload_errors(fresh, tmp_path):
-    _error(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(tmp_path / "missing")}),
-           400, "lora_path", "does not exist")
+    def load(name: str, path: Path):
+        return fresh.http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+
+    error_json(load("a", tmp_path / "missing"), 400, "lora_path", "does not exist")
     (tmp_path / "plain").mkdir()
-    _error(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(tmp_path / "plain")}),
-           400, "lora_path", "not an adapter")
-    _error(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": BASE, "lora_path": str(tmp_path)}),
-           400, "lora_name", "base model")
-    _error(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": " ", "lora_path": str(tmp_path)}),
-           400, "lora_name", "empty")
-    _error(fresh.http.post("/v1/unload_lora_adapter", json={"lora_name": "ghost"}), 404, "lora_name", "cannot be found")
+    error_json(load("a", tmp_path / "plain"), 400, "lora_path", "not an adapter")
+    error_json(load(BASE, tmp_path), 400, "lora_name", "base model")
+    error_json(load(" ", tmp_path), 400, "lora_name", "empty")
+    error_json(fresh.http.post("/v1/unload_lora_adapter", json={"lora_name": "ghost"}), 404, "lora_name",
+               "cannot be found")
     assert list(_models(fresh)) == [BASE, "poet"]
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 def test_engine_refusals_are_503_unreadable_adapters_400_and_bugs_500(fresh, monkeypatch, tmp_path):
@@ -643,14 +420,14 @@ def test_engine_refusals_are_503_unreadable_adapters_400_and_bugs_500(fresh, mon
         raise RuntimeError("the server is shutting down")
 
     monkeypatch.setattr(fresh.loop, "submit", refuse)
-    _error(fresh.http.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 503, None, "shutting down")
+    error_json(fresh.http.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 503, None, "shutting down")
     monkeypatch.undo()
 
     def corrupt(name, path):
         raise RuntimeError("Error while deserializing header: HeaderTooLarge")
 
     monkeypatch.setattr(fresh.loop, "load_adapter", corrupt)
-    _error(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(tmp_path)}), 400,
+    error_json(fresh.http.post("/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(tmp_path)}), 400,
            "lora_path", "HeaderTooLarge")
     monkeypatch.undo()
 
@@ -658,9 +435,9 @@ def test_engine_refusals_are_503_unreadable_adapters_400_and_bugs_500(fresh, mon
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(fresh.loop, "adapter_names", bug)  # a server-side bug is a 500 in the same JSON shape
-    _error(fresh.http.get("/v1/models"), 500, None, "RuntimeError: a bug")
+    error_json(fresh.http.get("/v1/models"), 500, None, "RuntimeError: a bug")
     monkeypatch.undo()
-    _still_serving(fresh)
+    still_serving(fresh)
 
 
 def test_adapter_load_does_not_block_other_requests(fresh, tmp_path):
@@ -672,13 +449,13 @@ def test_adapter_load_does_not_block_other_requests(fresh, tmp_path):
 
     fresh.loop.load_adapter = load
     try:
-        path = _adapter_dir(tmp_path, "slowpoke")
+        path = adapter_dir(tmp_path, "slowpoke")
         loader = threading.Thread(target=fresh.http.post, args=("/v1/load_lora_adapter",),
                                   kwargs={"json": {"lora_name": "slowpoke", "lora_path": str(path)}})
         loader.start()
         time.sleep(0.1)
         start = time.monotonic()
-        _still_serving(fresh)
+        still_serving(fresh)
         assert time.monotonic() - start < 0.8
         loader.join(timeout=10)
         assert "slowpoke" in fresh.loop.adapter_names()
@@ -778,6 +555,13 @@ def _serve_error(argv: list[str], capsys) -> str:
     (["--config", "CONFIG"], "mode: [\n", ["not valid YAML"]),
     (["--config", "/no/such.yaml"], None, ["--config", "does not exist"]),
     (["--config", "CONFIG", "--mode", "slora"], "mode: wrong\nmax_loras: 0\n", ["max_loras in", "serve.yaml"]),
+    (["--mode", "slora", "--lora-root", "EMPTY"], None, ["--lora-root", "--enable-lora-runtime-updating"]),
+    (["--mode", "slora", "--enable-lora-runtime-updating", "--lora-root", "/no/such/root"], None,
+     ["--lora-root", "/no/such/root", "not a directory"]),
+    (["--mode", "slora", "--max-queued-requests", "0"], None, ["--max-queued-requests must be >= 1"]),
+    (["--mode", "slora", "--engine-dead-timeout", "0"], None, ["--engine-dead-timeout must be > 0"]),
+    (["--config", "CONFIG"], "mode: slora\nenable_lora_runtime_updating: maybe\n",
+     ["enable_lora_runtime_updating must be bool"]),
 ])
 def test_serve_argument_errors_exit_2_naming_the_flag_or_key(
     tmp_path, capsys, no_process_group, args, yaml_text, words
@@ -796,7 +580,7 @@ def test_serve_argument_errors_exit_2_naming_the_flag_or_key(
 def test_serve_flags_override_the_yaml_and_add_adapters(tmp_path):
     from megatron_bdlora.serve import check_options, load_options
 
-    a, b = _adapter_dir(tmp_path, "a"), _adapter_dir(tmp_path, "b")
+    a, b = adapter_dir(tmp_path, "a"), adapter_dir(tmp_path, "b")
     config = tmp_path / "serve.yaml"
     config.write_text(f"mode: slora\nmax-loras: 2\nmax_model_len: 256\nadapters: {{a: {a}}}\ntp: 1\nport: 9000\n")
     opts, where = load_options(
@@ -812,6 +596,39 @@ def test_serve_flags_override_the_yaml_and_add_adapters(tmp_path):
     )
     assert opts.adapters == {"a": str(a), "b": str(b)}
     assert where["max_loras"] == "--max-loras" and where["max_model_len"] == f"max_model_len in {config}"
+
+
+def test_serve_exposure_settings_from_flags_yaml_and_environment(tmp_path, monkeypatch):
+    from megatron_bdlora.inference.policy import API_KEY_ENV
+    from megatron_bdlora.serve import check_options, load_options, policy_of
+
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    r1.mkdir(), r2.mkdir()
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"mode: slora\nenable_lora_runtime_updating: true\nlora_root: {r1}\napi_key: from-yaml\n"
+                      "max_queued_requests: 9\n")
+    opts, where = load_options(["--config", str(config), "--lora-root", str(r2), "--max-stop-sequences", "2"])
+    check_options(opts, where, world_size=1)
+    policy = policy_of(opts)
+    assert (policy.api_key, policy.enable_lora_runtime_updating, policy.lora_roots) == ("from-yaml", True,
+                                                                                         (str(r1), str(r2)))
+    assert (policy.max_queued_requests, policy.max_stop_sequences, policy.max_request_bytes) == (9, 2, 2_000_000)
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    opts, _ = load_options(["--mode", "slora"])
+    assert policy_of(opts).api_key == "from-env" and not policy_of(opts).enable_lora_runtime_updating
+    opts, _ = load_options(["--mode", "slora", "--api-key", "from-flag", "--enable-lora-runtime-updating"])
+    assert policy_of(opts).api_key == "from-flag" and policy_of(opts).enable_lora_runtime_updating
+
+
+def test_serve_help_lists_the_limits_and_their_defaults():
+    from megatron_bdlora.serve import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for words in ("--api-key", "--enable-lora-runtime-updating", "--lora-root DIR", "--max-queued-requests N",
+                  "(default 128)", "--max-request-bytes N", "(default 2000000)", "--max-stop-sequences N",
+                  "(default 4)", "--engine-step-timeout X", "(default 30.0)", "--engine-dead-timeout X",
+                  "(default 120.0)", "MEGATRON_BDLORA_API_KEY"):
+        assert words in text, words
 
 
 def test_serve_cuda_graphs_key_reads_yaml_booleans_and_needs_a_gpu(tmp_path):
@@ -862,12 +679,16 @@ def run_serve_with_fake_engine(argv: list[str]) -> int:
             dies_after = os.environ.get("FAKE_ENGINE_DIES_AFTER_S")
             if dies_after:
                 threading.Timer(float(dies_after), lambda: setattr(loop, "alive", False)).start()
+            stalls_after = os.environ.get("FAKE_ENGINE_STALLS_AFTER_S")
+            if stalls_after:
+                threading.Timer(float(stalls_after), lambda: setattr(loop, "stalled", True)).start()
             print(f"FAKE config {json.dumps({k: str(v) for k, v in vars(config).items()})}", flush=True)
             return loop
 
-        def shutdown(self, drain: bool = True) -> None:
-            super().shutdown(drain)
+        def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
+            stopped = super().shutdown(drain, timeout)
             print(f"FAKE shutdown drain={drain}", flush=True)
+            return stopped
 
     engine = types.ModuleType("megatron_bdlora.inference.serving_loop")
     engine.ServingConfig, engine.ServingLoop = ServingConfig, ServingLoop
@@ -917,7 +738,7 @@ class ServeProcess:
 
 @pytest.mark.multi_rank
 def test_serve_process_drains_in_flight_requests_on_sigterm_and_exits_0(tmp_path):
-    meg, poet = _fake_megatron_dir(tmp_path), _adapter_dir(tmp_path, "poet")
+    meg, poet = _fake_megatron_dir(tmp_path), adapter_dir(tmp_path, "poet")
     server = ServeProcess(["--megatron-dir", str(meg), "--mode", "block_diagonal", "--adapter", f"poet={poet}",
                            "--max-loras", "2", "--host", "127.0.0.1", "--port", "0", "--served-model-name", "base"],
                           FAKE_STEP_S="0.04")
@@ -957,6 +778,22 @@ def test_serve_process_exits_1_promptly_when_the_engine_dies(tmp_path):
         code, stderr = server.finish(timeout=15)
         assert code == 1 and "serving engine stopped unexpectedly" in stderr, stderr
         assert time.monotonic() - died < 5
+    finally:
+        server.proc.kill()
+
+
+@pytest.mark.multi_rank
+def test_serve_process_exits_1_when_the_engine_stops_finishing_steps(tmp_path):
+    server = ServeProcess(["--megatron-dir", str(_fake_megatron_dir(tmp_path)), "--mode", "slora", "--port", "0",
+                           "--engine-step-timeout", "0.5", "--engine-dead-timeout", "2"],
+                          FAKE_ENGINE_STALLS_AFTER_S="1.0")
+    try:
+        url = server.wait_for("serving on").removeprefix("serving on ")
+        assert httpx2.get(url + "/health", timeout=5, trust_env=False).status_code == 200
+        time.sleep(2.0)  # stalled for ~1 s: past the step timeout, not yet the dead one
+        assert httpx2.get(url + "/health", timeout=5, trust_env=False).status_code == 503
+        code, stderr = server.finish(timeout=15)
+        assert code == 1 and "has not finished a step" in stderr and "--engine-dead-timeout 2" in stderr, stderr
     finally:
         server.proc.kill()
 
