@@ -16,8 +16,10 @@ from pathlib import Path
 from megatron_bdlora.bench.cost_model import (
     PAPER,
     PUBLISHED,
+    configuration_verdicts,
     format_prediction,
     format_validation,
+    format_verdicts,
     load_machine,
     measure,
     predict_with_sensitivity,
@@ -35,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--tp", type=int, default=2, help="gloo ranks of the TP group to sweep (default 2)")
     m.add_argument("--threads", type=int, default=1, help="torch threads per rank, as bench_serving uses (default 1)")
     m.add_argument("--reps", type=int, default=40, help="timed runs per point (median; default 40)")
-    v = sub.add_parser("validate", help="predicted vs measured BD / S-LoRA decode-step ratio of a bench_serving JSON")
+    v = sub.add_parser("validate", help="predicted vs measured BD / S-LoRA decode-step ratio of a bench_serving JSON, "
+                                        "beside two trivial predictors' (constant 1.0; no-adapter step + FLOP share)")
     v.add_argument("--bench", type=Path, required=True, action="append",
                    help="bench_serving.py or bench_sweep.py JSON (repeatable)")
     v.add_argument("--machine", required=True, action="append", help="measure's JSON for each --bench, in order")
@@ -64,8 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"give one --machine per --bench ({len(args.bench)} benches, "
                              f"{len(args.machine)} machines)")
         rows = validate_files(args.bench, args.machine, args.statistic, args.latency)
-        print(format_validation(rows))
-        result = dict(rows=rows)
+        verdicts = configuration_verdicts(rows)
+        print(format_validation(rows) + "\n\n" + format_verdicts(verdicts))
+        result = dict(rows=rows, configurations=verdicts)
     else:
         machine = load_machine(args.machine)
         tokens = [int(t) for t in args.tokens.split(",")]

@@ -22,6 +22,11 @@ is that in-loop cost at the step's segment length (its base step over its 2 base
 T_base: `validate` takes the measured no-adapter decode step of the benchmark run; `predict` models it as the
 rank's weight bytes over HBM bandwidth plus the base layers' two all-reduces per layer (a lower bound: no
 kernel-launch, attention or scheduler time).
+
+`validate` also scores two trivial predictors of the same ratio, so that the model's error has a yardstick: a
+constant 1.0 (BD and S-LoRA cost the same) and the measured no-adapter step scaled by 1 + each system's LoRA share
+of the step's FLOPs (time follows arithmetic alone). The model is called predictive for a configuration only where
+its mean |error| over that configuration's runs is below both of theirs.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_bdlora.bench.tables import fixed_width_table
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
 from megatron_bdlora.local_ranks import run_distributed
 from megatron_bdlora.lora_batch import FactorView, SlotBatch
@@ -179,6 +185,21 @@ def modelled_base_ms(hf_config: dict, tp: int, tokens: int, machine: Machine, el
     weights_us = per_layer * layers / tp * elem_bytes / (machine.mem_bandwidth_gbs * 1e3)
     allreduce_us = 2 * layers * machine.collective_us("all_reduce", tokens * hf_config["hidden_size"] * elem_bytes)
     return (weights_us + allreduce_us) / 1e3
+
+
+def base_flops(hf_config: dict, tp: int, tokens: int) -> float:
+    """One rank's FLOPs of a base forward over `tokens` tokens: every decoder-layer weight and the LM head once per
+    token (attention over the context is left out: under 5% of a layer at the benchmarks' <= 64-token contexts)."""
+    per_layer = sum(p.d_in * p.d_out for p in llama_projections(hf_config).values())
+    weights = per_layer * hf_config["num_hidden_layers"] + hf_config["vocab_size"] * hf_config["hidden_size"]
+    return 2 * tokens * weights / tp
+
+
+def flop_share_step_ms(hf_config: dict, settings: LoRASettings, tp: int, tokens: int, base_ms: float) -> float:
+    """The trivial "no-adapter step + FLOP share" predictor: the no-adapter step scaled by 1 + the adapters' FLOPs
+    over the base's, what a step would cost if its time followed arithmetic alone."""
+    lora_flops = lora_work(hf_config, settings, tp, tokens, 1.0, 4)[1]
+    return base_ms * (1 + lora_flops / base_flops(hf_config, tp, tokens))
 
 
 def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -330,8 +351,12 @@ def _bench_settings(bench: dict) -> dict[str, LoRASettings]:
     return out
 
 
+TRIVIAL = ("constant", "flop_share")  # the yardsticks `validate` scores beside the model, in table order
+
+
 def validate(bench: dict, machine: Machine, statistic: str = "decode_step_ms_p10") -> list[dict]:
-    """Predicted vs measured decode-step ratio of every BD system against S-LoRA in a bench_serving run.
+    """Predicted vs measured decode-step ratio of every BD system against S-LoRA in a bench_serving run, beside the
+    trivial predictors' (TRIVIAL) ratios.
 
     statistic: which decode-step time of each system (per repeat, then the median over repeats) is compared; the
     10th percentile by default, closest to the uncontended cost when other work shares the machine.
@@ -352,19 +377,51 @@ def validate(bench: dict, machine: Machine, statistic: str = "decode_step_ms_p10
         return LoRASettings(rank=s.rank, alpha=s.alpha, mode=mode, nblocks=nblocks)
 
     slora = predict_step(hf_config, settings_of("slora"), tp, tokens, machine, base_ms, elem_bytes)
+    slora_by_flops = flop_share_step_ms(hf_config, settings_of("slora"), tp, tokens, base_ms)
+    slora_ms = systems["slora"]["metrics"][statistic]
     rows = []
     for name in systems:
         if not name.startswith(("bd", "block_diagonal")):
             continue
         bd = predict_step(hf_config, settings_of(name), tp, tokens, machine, base_ms, elem_bytes)
-        measured = systems["slora"]["metrics"][statistic] / systems[name]["metrics"][statistic]
-        predicted = slora["total_ms"] / bd["total_ms"]
-        rows.append(dict(bd=name, label=systems[name]["label"], tp=tp, tokens=tokens, adapters=adapters,
-                         predicted_ratio=predicted, measured_ratio=measured, error=predicted / measured - 1,
-                         within_15pct=abs(predicted / measured - 1) <= 0.15, bd_terms=bd, slora_terms=slora,
-                         statistic=statistic, measured_bd_ms=systems[name]["metrics"][statistic],
-                         measured_slora_ms=systems["slora"]["metrics"][statistic], measured_base_ms=base_ms))
+        bd_ms = systems[name]["metrics"][statistic]
+        measured, predicted = slora_ms / bd_ms, slora["total_ms"] / bd["total_ms"]
+        error = predicted / measured - 1
+        by_flops = slora_by_flops / flop_share_step_ms(hf_config, settings_of(name), tp, tokens, base_ms)
+        trivial = {k: dict(predicted_ratio=v, error=v / measured - 1)
+                   for k, v in dict(constant=1.0, flop_share=by_flops).items()}
+        # per repeat, both systems ran in the same round (bench_serving interleaves them): the run's own spread
+        pairs = zip(systems["slora"]["per_repeat"], systems[name]["per_repeat"])
+        rows.append(dict(bd=name, label=systems[name]["label"], configuration=bench["title"], tp=tp, tokens=tokens,
+                         adapters=adapters, predicted_ratio=predicted, measured_ratio=measured,
+                         measured_ratio_repeats=[s[statistic] / b[statistic] for s, b in pairs], error=error,
+                         within_15pct=abs(error) <= 0.15, trivial=trivial,
+                         beats_trivial=beats_trivial(abs(error), {k: abs(t["error"]) for k, t in trivial.items()}),
+                         bd_terms=bd, slora_terms=slora, statistic=statistic, measured_bd_ms=bd_ms,
+                         measured_slora_ms=slora_ms, measured_base_ms=base_ms))
     return rows
+
+
+def beats_trivial(model_abs_error: float, trivial_abs_errors: dict[str, float]) -> bool:
+    """Whether the model's |error| is below every trivial predictor's: only then does it predict more than they do."""
+    return all(model_abs_error < e for e in trivial_abs_errors.values())
+
+
+def configuration_verdicts(rows: list[dict]) -> list[dict]:
+    """Per configuration (one benchmark title and BD system, over all its runs): each predictor's mean |error| and
+    whether the model is predictive there, i.e. beats both trivial predictors."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["configuration"], row["label"]), []).append(row)
+    out = []
+    for (configuration, label), runs in groups.items():
+        trivial = {k: statistics.fmean(abs(r["trivial"][k]["error"]) for r in runs) for k in TRIVIAL}
+        model = statistics.fmean(abs(r["error"]) for r in runs)
+        out.append(dict(configuration=configuration, label=label, tp=runs[0]["tp"],
+                        runs=[" ".join(filter(None, (r["bench"], r["point"]))) for r in runs],
+                        measured_ratios=[r["measured_ratio"] for r in runs],
+                        mean_abs_error=dict(model=model, **trivial), predictive=beats_trivial(model, trivial)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- predict
@@ -416,6 +473,17 @@ def isolated(machine: Machine) -> Machine:
     return Machine(**{**asdict(machine), "in_loop_latency_us": ()})
 
 
+def _check_bench(result: dict, where: str) -> None:
+    """Exit naming the file and key when a result lacks what `validate` compares: S-LoRA, the floor, a title."""
+    missing = [k for k in ("slora", "none") if k not in result.get("systems", {})]
+    if missing:
+        raise SystemExit(f"--bench {where}: key 'systems' lacks {missing}: validate needs S-LoRA and the no-adapter "
+                         "floor (bench_serving.py --modes block_diagonal,slora,none or --paper-ranks)")
+    if "title" not in result:
+        raise SystemExit(f"--bench {where}: no key 'title' (it names the configuration whose runs are grouped): "
+                         "not a bench_serving.py or bench_sweep.py JSON")
+
+
 def validate_files(benches: list[Path], machines: list[str], statistic: str, latency: str) -> list[dict]:
     """`validate` over bench_serving / bench_sweep JSON files, one calibration per file: rows naming file and point."""
     rows = []
@@ -430,18 +498,40 @@ def validate_files(benches: list[Path], machines: list[str], statistic: str, lat
         if latency == "isolated":
             calibration = isolated(calibration)
         for point, result in points:
+            _check_bench(result, " ".join(filter(None, (str(bench_path), point))))
             rows += [dict(r, bench=bench_path.name, point=point) for r in validate(result, calibration, statistic)]
     return rows
 
 
+def _pct(error: float) -> str:
+    return f"{100 * error:+.1f}%"
+
+
 def format_validation(rows: list[dict]) -> str:
-    """Measured vs predicted BD / S-LoRA decode-step ratio, one line per BD system and point."""
-    lines = [f"{'bench':28} {'point':10} {'TP':>2} {'BD system':18} {'measured':>8} {'predicted':>9} {'error':>6}"
-             "  (BD / S-LoRA decode step)"]
-    for row in rows:
-        lines.append(f"{row['bench']:28} {row['point']:10} {row['tp']:>2} {row['label']:18} "
-                     f"{row['measured_ratio']:8.3f} {row['predicted_ratio']:9.3f} {100 * row['error']:5.1f}%")
-    return "\n".join(lines)
+    """Measured vs predicted S-LoRA / BD decode-step ratio, one line per BD system and point, beside the trivial
+    predictors' (constant 1.0; no-adapter step + FLOP share) and whether the model beats both."""
+    head = ("bench", "point", "TP", "BD system", "measured", "repeats", "model", "error", "1.0 error", "FLOP share",
+            "error", "beats both")
+    body = [(r["bench"], r["point"], str(r["tp"]), r["label"], f"{r['measured_ratio']:.3f}",
+             f"{min(r['measured_ratio_repeats']):.2f}-{max(r['measured_ratio_repeats']):.2f}",
+             f"{r['predicted_ratio']:.3f}", _pct(r["error"]), _pct(r["trivial"]["constant"]["error"]),
+             f"{r['trivial']['flop_share']['predicted_ratio']:.3f}", _pct(r["trivial"]["flop_share"]["error"]),
+             "yes" if r["beats_trivial"] else "no") for r in rows]
+    return ("S-LoRA / BD decode step (> 1: BD faster); error = predicted / measured - 1; trivial predictors: 1.0 "
+            "(constant), FLOP share (no-adapter step x (1 + LoRA FLOPs / base FLOPs) per system)\n"
+            + fixed_width_table(head, body))
+
+
+def format_verdicts(verdicts: list[dict]) -> str:
+    """One line per configuration: its runs' measured ratios, each predictor's mean |error|, the verdict."""
+    head = ("runs", "TP", "BD system", "measured per run", "model |err|", "1.0 |err|", "FLOP share |err|",
+            "predictive")
+    body = [(", ".join(v["runs"]), str(v["tp"]), v["label"], " / ".join(f"{m:.3f}" for m in v["measured_ratios"]),
+             *(f"{100 * v['mean_abs_error'][k]:.1f}%" for k in ("model", *TRIVIAL)),
+             "yes" if v["predictive"] else "no") for v in verdicts]
+    won = sum(v["predictive"] for v in verdicts)
+    return (fixed_width_table(head, body) + f"\npredictive (mean |error| below both trivial predictors') on {won} of "
+            f"{len(verdicts)} configurations")
 
 
 SENSITIVITY_LATENCIES_US = (8.0, 15.0, 30.0)  # `predict`'s sweep of the small-message collective latency
