@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,40 @@ def _unpinned(init_sampling_tensors):
     return wrapper
 
 
+@dataclass(frozen=True)
+class _DecodePlan:
+    """What every layer's single-query attention reads the same way within one step (built once per step)."""
+
+    tokens: Tensor  # [r] packed token of each single-query request
+    blocks: Tensor  # [r, n] its cache blocks (-1 entries clamped to 0; masked)
+    visible: Tensor  # [r, n*bs] cache slots it sees
+    hidden: Tensor  # [r, n*bs, 1, 1] the slots it does not (zeroed: never-written slots may hold NaN)
+    prefill: tuple[int, ...]  # requests with more than one query (one loop iteration each)
+
+
+_plan_cache: list = []  # [(copies of the metadata it was built from, block size), plan]: the current step's
+
+
+def _step_plan(cu_seqlens_q: Tensor, seqlens_k: Tensor, block_table: Tensor, block_size: int) -> _DecodePlan:
+    """The step's plan, rebuilt only when the metadata differs from the last call's: megatron passes the same
+    metadata to every layer of a step (three small tensor comparisons per layer instead of ~10 ops)."""
+    metadata = (cu_seqlens_q, seqlens_k, block_table)
+    if _plan_cache:
+        (seen, seen_block_size), plan = _plan_cache
+        if seen_block_size == block_size and all(a.shape == b.shape and torch.equal(a, b)
+                                                 for a, b in zip(seen, metadata)):
+            return plan
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [R] (R = padded request count; 0 for padding)
+    single = torch.nonzero(q_lens == 1).squeeze(1)  # [r]
+    lens = seqlens_k[single].long()  # [r]
+    n_blocks = math.ceil(int(lens.max()) / block_size) if single.numel() else 0
+    visible = torch.arange(n_blocks * block_size) < lens[:, None]  # [r, n*bs] the query is last: sees all L
+    plan = _DecodePlan(cu_seqlens_q[single].long(), block_table[single, :n_blocks].clamp(min=0), visible,
+                       ~visible[:, :, None, None], tuple(torch.nonzero(q_lens > 1).squeeze(1).tolist()))
+    _plan_cache[:] = [(tuple(t.clone() for t in metadata), block_size), plan]
+    return plan
+
+
 def paged_attention(
     self,
     q: Tensor,
@@ -187,8 +222,9 @@ def paged_attention(
     Request i owns queries cu_seqlens_q[i]:cu_seqlens_q[i+1] (lq of them, already in the cache) and the
     first L = seqlens_k[i] cached tokens, stored in blocks block_table[i, :ceil(L / block_size)]; its query j
     sits at position L - lq + j. Single-query requests (decode steps, one-token chunks) share one batched
-    SDPA with a key-padding mask; multi-token chunks (prefill) go one by one. Padding rows (lq = 0) give zeros.
-    Host syncs (`int()`, `.tolist()`) and the loop are harmless on CPU; GPUs get `paged_attention.paged_attention`.
+    SDPA with a key-padding mask, planned once per step (`_step_plan`); multi-token chunks (prefill) go one by
+    one. Padding rows (lq = 0) give zeros. Host syncs (`int()`, `.tolist()`) and the loop are harmless on CPU;
+    GPUs get `paged_attention.paged_attention`.
     """
     if any(value is not None for value in kwargs.values()):
         raise NotImplementedError(f"CPU paged attention does not support {sorted(kwargs)}")
@@ -197,31 +233,26 @@ def paged_attention(
     q = q.squeeze(1)  # [T, Hq, D] packed queries of this step (T = padded token count)
     block_size = k.shape[1]  # k, v: [blocks, block_size, Hkv, D] this layer's cache
     out = torch.zeros_like(q)  # [T, Hq, D]
-    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [R] (R = padded request count; 0 for padding)
+    plan = _step_plan(cu_seqlens_q, seqlens_k, block_table, block_size)
 
-    single = torch.nonzero(q_lens == 1).squeeze(1)  # [r]
-    if single.numel():
-        lens = seqlens_k[single].long()  # [r]
-        n_blocks = math.ceil(int(lens.max()) / block_size)
-        blocks = block_table[single, :n_blocks].clamp(min=0)  # [r, n] (-1 = unused slot; masked below)
-        visible = torch.arange(n_blocks * block_size) < lens[:, None]  # [r, n*bs] the query is last: sees all L
-        # slots past L may never have been written (torch.empty: NaN, inf); zeroed, as SDPA's 0 weight * NaN is NaN
-        hidden = ~visible[:, None, :, None]  # [r, 1, n*bs, 1]
-        keys = k[blocks].flatten(1, 2).transpose(1, 2).masked_fill(hidden, 0)  # [r, n, bs, Hkv, D] -> [r, Hkv, n*bs, D]
-        values = v[blocks].flatten(1, 2).transpose(1, 2).masked_fill(hidden, 0)  # [r, Hkv, n*bs, D]
-        tokens = cu_seqlens_q[single].long()  # [r]
+    if plan.tokens.numel():
+        # slots past L may never have been written (torch.empty: NaN, inf); zeroed in the gathered copy, as SDPA's
+        # 0 weight * NaN is NaN
+        keys = k[plan.blocks].flatten(1, 2).masked_fill_(plan.hidden, 0).transpose(1, 2)  # [r, Hkv, n*bs, D]
+        values = v[plan.blocks].flatten(1, 2).masked_fill_(plan.hidden, 0).transpose(1, 2)  # [r, Hkv, n*bs, D]
         attended = F.scaled_dot_product_attention(
-            q[tokens].unsqueeze(2),  # [r, Hq, 1, D]
+            q[plan.tokens].unsqueeze(2),  # [r, Hq, 1, D]
             keys,
             values,
-            attn_mask=visible[:, None, None, :],  # [r, 1, 1, n*bs]
+            attn_mask=plan.visible[:, None, None, :],  # [r, 1, 1, n*bs]
             scale=scale,
             enable_gqa=True,
         )  # [r, Hq, 1, D]
-        out[tokens] = attended.squeeze(2)
+        out[plan.tokens] = attended.squeeze(2)
 
-    for i in torch.nonzero(q_lens > 1).squeeze(1).tolist():
-        start, lq, length = int(cu_seqlens_q[i]), int(q_lens[i]), int(seqlens_k[i])
+    for i in plan.prefill:
+        start, length = int(cu_seqlens_q[i]), int(seqlens_k[i])
+        lq = int(cu_seqlens_q[i + 1]) - start
         blocks = block_table[i, : math.ceil(length / block_size)]  # [n]
         keys = k[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [n, bs, Hkv, D] -> [Hkv, L, D]
         values = v[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]

@@ -281,3 +281,22 @@ def test_on_gpu_no_host_sync_and_a_captured_decode_graph_replays_for_other_lengt
         bf16 = moved(args, "cuda", torch.bfloat16)
         out = paged_attention(layer, **bf16, is_decode_only=is_decode_only).double().cpu()
         torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+
+
+def test_cpu_attention_replans_whenever_a_steps_metadata_changes():
+    """The CPU path plans once per step and reuses the plan while the metadata is unchanged: successive steps on
+    the same metadata tensors rewritten in place (as megatron does), and new tensors, each match the reference."""
+    layer = SimpleNamespace(softmax_scale=None)
+    first, first_kv = paged_batch(DECODE, 4, seed=1)
+    second, second_kv = paged_batch([(length + 3, lq) for length, lq in DECODE], 4, seed=2, width=13, n_blocks=40)
+    steps = [(first, first_kv), (second, second_kv), (first, first_kv)]
+    persistent = {name: first[name].clone() for name in ("cu_seqlens_q", "seqlens_k")}
+    persistent["block_table"] = torch.full((len(DECODE), 13), -1, dtype=torch.int32)
+    for args, contiguous in steps:
+        expected = dense_reference(args, contiguous, D**-0.5)
+        close(cpu_fallbacks.paged_attention(layer, **args, is_decode_only=True), expected)
+        for name, tensor in persistent.items():  # megatron's way: the same tensors, new contents
+            tensor.fill_(-1)
+            tensor[..., : args[name].shape[-1]] = args[name]
+        in_place = dict(args, **persistent)
+        close(cpu_fallbacks.paged_attention(layer, **in_place, is_decode_only=True), expected)
