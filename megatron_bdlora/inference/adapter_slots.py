@@ -78,7 +78,11 @@ def load_host_adapter(
         raise ValueError(
             f"adapter {name!r} ({path}) has rank {ckpt.settings.rank} > --max-lora-rank {max_lora_rank}"
         )
-    return HostAdapter(name, str(path), ckpt.settings, ckpt.plans(), ckpt.rank_state(tp_rank), files.digest)
+    shards = ckpt.rank_state(tp_rank)
+    for key, tensor in shards.items():  # a NaN factor would poison its requests' KV blocks, reused by others later
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"adapter {name!r} ({path}): {key} holds non-finite values (NaN or inf)")
+    return HostAdapter(name, str(path), ckpt.settings, ckpt.plans(), shards, files.digest)
 
 
 @torch.no_grad()

@@ -432,3 +432,27 @@ def test_adapter_files_are_read_once_hashed_and_parsed_from_memory(tmp_path):
     changed = AdapterFiles.read(path).digest
     assert str(path) in str(err.value) and files.digest in str(err.value) and changed in str(err.value)
 
+
+
+def test_an_adapter_with_non_finite_factors_is_refused_naming_the_tensor(tmp_path):
+    """NaN factors would poison the KV blocks of their requests, which later requests reuse: refused at load."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from megatron_bdlora.inference.adapter_slots import load_host_adapter
+
+    meg = serve_base(1)
+    hf_config = json.loads((meg / "config.json").read_text())
+    path = Path(write_adapters(tmp_path, meg, 1, ["a0"])["a0"])
+    assert load_host_adapter("a0", path, hf_config, 1, 0, "block_diagonal", 16).digest
+    file = path / "rank_00.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = sorted(tensors)[3]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, file, metadata=metadata)
+    with pytest.raises(ValueError, match="non-finite") as err:
+        load_host_adapter("a0", path, hf_config, 1, 0, "block_diagonal", 16)
+    assert "'a0'" in str(err.value) and str(path) in str(err.value) and "lora_" in str(err.value)
