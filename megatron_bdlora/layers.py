@@ -13,6 +13,9 @@ Adapters are stacks of `slots` (training: 1); a serving engine selects a slot pe
 `set_lora_slots`, reusing the same sharding arithmetic. The layer's plan is the *capacity* of a slot; a
 slot can hold any smaller adapter of the same mode (lower rank, more blocks per rank), loaded with
 `load_slot` under that adapter's own plan and computed on its own slice of the slot (lora_batch.FactorView).
+Serving runs a fused layer's sub-projections packed (ops.lora_shrink_packed / lora_expand_packed): one shrink
+over their A stacks, which then share one storage (`packed_lora_a`), one collective, one expand into the fused
+output, added in place into the base output.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.lora_batch import FactorView, GraphLaunch, OutputLayout, SlotBatch, SlotViews
-from megatron_bdlora.ops import lora_expand, lora_shrink, matmul_packed
+from megatron_bdlora.lora_batch import ExpandSlice, FactorView, GraphLaunch, OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.ops import lora_expand_packed, lora_shrink_packed, matmul_packed
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
 
@@ -101,22 +104,13 @@ class LoRAAdapter(nn.Module):
         b = self._factor(self.lora_B, self.plan.b)
         return matmul_packed(z * self.scaling[0], b[0], self.plan.b.local_blocks)
 
-    def shrink_slots(self, x: torch.Tensor, batch: SlotBatch) -> torch.Tensor:
-        """Serving: x [n, in_local] (token order) -> [n, r_local] in the batch's slot order, each token's own slot."""
-        return lora_shrink(x, self.lora_A, self.a_views, batch, self._graph_launch(self.a_table))
-
-    def expand_slots(self, z: torch.Tensor, batch: SlotBatch, out: torch.Tensor, layout: OutputLayout) -> None:
-        """Serving: add each token's scaled LoRA output into its row of out at the layout's columns."""
-        chunks = self.plan.tp if self.plan.collective is Collective.ALL_GATHER else 1
-        lora_expand(z, self.lora_B, self.b_views, self.scaling, batch, out, layout, chunks,
-                    self._graph_launch(self.b_table))
-
     def enable_graph_launch(self, max_blocks: int) -> None:
         """Size the kernels' launches for capture in CUDA graphs: any adapter of at most `max_blocks` local blocks
         per factor (checked at load) runs in the captured launch."""
         self.graph_max_blocks = max_blocks
 
-    def _graph_launch(self, table: torch.Tensor) -> GraphLaunch | None:
+    def graph_launch(self, table: torch.Tensor) -> GraphLaunch | None:
+        """How the kernels launch on one of this adapter's factor stacks (None: sized by today's views)."""
         return None if self.graph_max_blocks is None else GraphLaunch(table, self.graph_max_blocks)
 
     @staticmethod
@@ -153,8 +147,12 @@ class LoRAAdapter(nn.Module):
         self.scaling[slot] = scaling
         self._set_views(slot, views)
 
+    @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        """The slot holds nothing for this layer (an adapter that does not target it, or none at all)."""
+        """The slot holds nothing for this layer (an adapter that does not target it, or none at all); its factors
+        are zeroed, as a fused layer's packed shrink computes (and never reads) the rows of slices a slot lacks."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
         self._set_views(slot, (None, None))
 
     def _set_views(self, slot: int, views: tuple[FactorView | None, FactorView | None]) -> None:
@@ -257,7 +255,11 @@ class LoRAParallelLinear:
             )
         if not len(self.lora):
             raise ValueError(f"{spec.layer_name}: none of {[n for n, _ in spec.projections]} is a LoRA target")
+        self.lora_adapters = tuple(self.lora.values())  # (in the fused order; the serving path reads it per forward)
+        self._lora_a_packed: tuple[torch.Tensor | None, list[int]] = (None, [])  # see packed_lora_a
         self.lora_layouts = self._output_layouts()
+        if spec.slots > 1 and len(self.lora_adapters) > 1:  # a serving layer: packed from the start (see packed_lora_a)
+            self._tie_lora_a()
         self.reset_lora_parameters(spec.layer_name)
         if spec.freeze_base:
             for p in (self.weight, self.bias):
@@ -323,15 +325,48 @@ class LoRAParallelLinear:
 
     @torch.no_grad()
     def add_lora_slots(self, x: torch.Tensor, base: torch.Tensor) -> None:
-        """Serving: add every token's own adapter output into the base output in place (inference only)."""
+        """Serving: add every token's own adapter output into the base output in place (inference only): one shrink
+        for all sub-projections (they share x), the plan's collective, one expand into the fused output."""
         batch = self.lora_slots
         out = base.view(-1, base.shape[-1])  # [tokens, out_local]
-        adapters = list(self.lora.values())
         x = x.reshape(-1, x.shape[-1])  # [tokens, in_local]
-        zs = [ad.shrink_slots(x, batch) for ad in adapters]  # [tokens, r_s] in slot order
-        zs = gather_rank_intermediates(zs, adapters[0].plan.collective, self.tp_group)
-        for (name, ad), z in zip(self.lora.items(), zs):
-            ad.expand_slots(z, batch, out, self.lora_layouts[name])
+        adapters = self.lora_adapters
+        plan = adapters[0].plan
+        z = lora_shrink_packed(x, self.packed_lora_a(), [ad.a_views for ad in adapters], batch,
+                               [ad.graph_launch(ad.a_table) for ad in adapters])  # [tokens, P * r] in slot order
+        z = gather_rank_intermediates([z], plan.collective, self.tp_group)[0]
+        slices = [ExpandSlice(ad.lora_B, ad.b_views, ad.scaling, self.lora_layouts[name], ad.graph_launch(ad.b_table))
+                  for name, ad in self.lora.items()]
+        lora_expand_packed(z, slices, batch, out, plan.tp if plan.collective is Collective.ALL_GATHER else 1)
+
+    def packed_lora_a(self) -> torch.Tensor:
+        """[slots, P * R, C]: the P adapters' A stacks in one storage, rank rows interleaved (row j of adapter p at
+        j * P + p), the weight of the packed shrink; their lora_A parameters are views of it (a load is seen at once,
+        no per-step copy). Tied when a serving layer (slots > 1) is built or converted (.to(), .cuda()), outside any
+        step or CUDA-graph capture; tied here should anything else have replaced them (an optimiser's flat buffer)."""
+        adapters = self.lora_adapters
+        if len(adapters) == 1:
+            return adapters[0].lora_A
+        packed, pointers = self._lora_a_packed
+        if packed is None or [ad.lora_A.data_ptr() for ad in adapters] != pointers:
+            packed = self._tie_lora_a()
+        return packed
+
+    def _tie_lora_a(self) -> torch.Tensor:
+        adapters = self.lora_adapters
+        with torch.no_grad(), torch.inference_mode(False):
+            stacked = torch.stack([ad.lora_A.detach() for ad in adapters], dim=2)  # [slots, R, P, C]
+            for p, ad in enumerate(adapters):
+                ad.lora_A.data = stacked[:, :, p]  # [slots, R, C], strided: the same parameter, now a view
+        packed = stacked.flatten(1, 2)  # [slots, R * P, C]
+        self._lora_a_packed = (packed, [ad.lora_A.data_ptr() for ad in adapters])
+        return packed
+
+    def _apply(self, fn, recurse=True):  # nn.Module's conversions: each parameter gets storage of its own again
+        super()._apply(fn, recurse)
+        if self.lora_spec.slots > 1 and len(self.lora_adapters) > 1:
+            self._tie_lora_a()
+        return self
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # `input`: megatron's signature
         base = super()._forward_impl(input, weight, *args, **kwargs)

@@ -47,6 +47,30 @@ class SlotViews(tuple):
         """A copy with one slot's view changed."""
         return SlotViews(view if s == slot else v for s, v in enumerate(self))
 
+    @staticmethod
+    def interleaved(slices: Sequence["SlotViews"]) -> "SlotViews":
+        """Each slot's view of a stack packing the A factors of P sub-projections row-interleaved (rank row j of
+        slice p at row j * P + p, see ops.lora_shrink_packed): the rank rows of all slices as one dense matrix.
+
+        An adapter has one view of A per layer, so the slices a slot holds agree; a slice it does not hold has zero
+        rows there (cleared), computed and never read.
+        """
+        if len(slices) == 1:
+            return slices[0]
+        key = ("interleaved", tuple(map(id, slices[1:])))
+        cached = slices[0]._cache.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], slices[1:])):
+            return cached[1]
+        packed = []
+        for slot, per_slice in enumerate(zip(*slices)):
+            held = {v for v in per_slice if v is not None}
+            if len(held) > 1 or any(v.blocks != 1 for v in held):
+                raise ValueError(f"slot {slot}: packed A factors need one dense view for all slices, got {held}")
+            v = held.pop() if held else None
+            packed.append(None if v is None else FactorView(v.rows * len(slices), v.cols))
+        slices[0]._cache[key] = (tuple(slices[1:]), SlotViews(packed))
+        return slices[0]._cache[key][1]
+
     def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[slots, 3] int32 (rows, cols, blocks) for the kernels; rows 0 = nothing for this slot."""
         key = ("table", str(device))
@@ -104,6 +128,18 @@ class OutputLayout:
             (out.stride(0), self.group_stride * out.stride(1), out.stride(1)),
             out.storage_offset() + self.offset * out.stride(1),
         )
+
+
+@dataclass(frozen=True)
+class ExpandSlice:
+    """One sub-projection of a packed expand: its B stack, the slots' views of it, their scalings, its output
+    columns, and (CUDA graphs) its fixed-address launch."""
+
+    weight: torch.Tensor  # [slots, O, R']
+    views: SlotViews
+    scalings: torch.Tensor  # [slots]
+    layout: OutputLayout
+    graph: GraphLaunch | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +215,11 @@ class SlotBatch:
         True, so the forward never syncs (a base-only step's kernels exit at once)."""
         return self.order.is_cuda or bool(self.segments)
 
+    @property
+    def first_adapter_row(self) -> int:
+        """Rows of the slot order before this one have no adapter (host; the torch path computes only the rest)."""
+        return self.segments[0][1] if self.segments else self.num_tokens
+
     def host_order(self) -> torch.Tensor | None:
         """The sort order, or None when it is the identity (tokens already grouped: no gather/scatter)."""
         if "order" not in self._cache:
@@ -187,45 +228,90 @@ class SlotBatch:
             self._cache["order"] = None if identity else order
         return self._cache["order"]
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[tokens, d] -> [tokens, d] in slot order (cached for the last x: fused layers shrink it per projection)."""
+    def adapter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, d] -> the [rows with an adapter, d] of the slot order (a view when tokens are already grouped)."""
+        order, lo = self.host_order(), self.first_adapter_row
+        return x[lo:] if order is None else x.index_select(0, order[lo:])
+
+    def add_adapter_rows(self, out: torch.Tensor, y: torch.Tensor, start: int = 0) -> None:
+        """out[token of adapter row start + i] += y[i] (rows counted from the first with an adapter; out in token
+        order, added in place)."""
+        lo = self.first_adapter_row + start
         order = self.host_order()
         if order is None:
-            return x
-        last = self._cache.get("gathered")
-        if last is None or last[0] is not x:
-            self._cache["gathered"] = (x, x.index_select(0, order))
-        return self._cache["gathered"][1]
+            out[lo : lo + y.shape[0]] += y
+        else:  # (index_put_ accumulates into strided outputs several times faster than index_add_ on CPU)
+            out.index_put_((order[lo : lo + y.shape[0]],), y, accumulate=True)
 
-    def plan(
-        self, views: Sequence[FactorView | None], width: int, gather_tokens: int
-    ) -> tuple[bool, list[tuple]]:
-        """How the torch path runs one factor stack this step (cached per views instance).
-
-        gather_tokens: up to this many tokens, adjacent slots with the same view form one group whose rows gather
-        their own factors (one matmul). Returns (whether one group fills every row and column of the output,
-        groups); a group is (view, first row, end row, slot of each row or None for one matmul per segment, its
-        segments).
-        """
-        key = (id(views), width, gather_tokens)
+    def row_scalings(self, scalings: torch.Tensor, run: "Run") -> torch.Tensor:
+        """[rows of the run, 1]: each row's slot scaling (cached for the step: loads happen between steps)."""
+        key = ("scalings", id(scalings), id(run))
         if key not in self._cache:
-            runs: list[tuple[FactorView, list[tuple[int, int, int]]]] = []
+            self._cache[key] = (scalings, run, scalings.index_select(0, run.row_slots)[:, None])  # (holds the ids)
+        return self._cache[key][2]
+
+    def runs(self, views: Sequence[FactorView | None], gather_tokens: int) -> tuple["Run", ...]:
+        """How the torch path runs one factor stack this step (cached per views instance): adjacent segments whose
+        slots hold the same view form one run; a run of at most `gather_tokens` rows (decode) is one grouped matmul,
+        a longer one (prefill) one matmul per segment."""
+        key = (id(views), gather_tokens)
+        if key not in self._cache:
+            grouped: list[list[tuple[int, int, int]]] = []
             for seg in self.segments:
                 v = views[seg[0]]
                 if v is None:
                     continue
-                if runs and runs[-1][0] == v and runs[-1][1][-1][2] == seg[1]:
-                    runs[-1][1].append(seg)
+                if grouped and views[grouped[-1][-1][0]] == v and grouped[-1][-1][2] == seg[1]:
+                    grouped[-1].append(seg)
                 else:
-                    runs.append((v, [seg]))
-            groups = []
-            for v, segs in runs:
-                lo, hi = segs[0][1], segs[-1][2]
-                gather = len(segs) > 1 and hi - lo <= gather_tokens
-                slots = [slot for slot, s_lo, s_hi in segs for _ in range(s_hi - s_lo)] if gather else None
-                slots = None if slots is None else torch.tensor(slots, dtype=torch.long, device=self.order.device)
-                groups.append((v, lo, hi, slots, segs))
-            fills_all = len(groups) == 1 and groups[0][1:3] == (0, self.num_tokens) and groups[0][0].rows == width
-            fills_all = fills_all and (groups[0][3] is not None or len(groups[0][4]) == 1)
-            self._cache[key] = (fills_all, groups)
-        return self._cache[key]
+                    grouped.append([seg])
+            base = self.first_adapter_row
+            device = self.order.device
+            runs = tuple(Run.build(views[s[0][0]], s, base, gather_tokens, device) for s in grouped)
+            self._cache[key] = (views, runs)  # (holding views keeps its id from being reused while cached)
+        return self._cache[key][1]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Adjacent segments of the slot order whose slots hold one view: computed together.
+
+    Rows are counted from the batch's first row with an adapter (the torch path computes only those).
+    """
+
+    view: FactorView
+    segments: tuple[tuple[int, int, int], ...]  # (slot, start, stop), rows relative to the first adapter row
+    row_slots: torch.Tensor  # [rows] long: each row's slot (per-row scalings)
+    offsets: torch.Tensor | None  # [last - first + 1] int32 end row of each slot first..last (relative to lo), for
+    # one grouped matmul over the slot range (idle slots between are empty groups); None: a matmul per segment
+
+    @staticmethod
+    def build(
+        view: FactorView, segments: list[tuple[int, int, int]], base: int, gather_tokens: int, device: torch.device
+    ) -> "Run":
+        """A run of segments (rows of the whole slot order), re-based to the first adapter row `base`."""
+        segs = tuple((slot, start - base, stop - base) for slot, start, stop in segments)
+        lo, first, last = segs[0][1], segs[0][0], segs[-1][0]
+        row_slots = torch.tensor([slot for slot, start, stop in segs for _ in range(stop - start)], device=device)
+        offsets = None
+        if len(segs) > 1 and segs[-1][2] - lo <= gather_tokens:
+            ends = dict((slot, stop - lo) for slot, _, stop in segs)
+            running, offs = 0, []
+            for slot in range(first, last + 1):
+                running = ends.get(slot, running)
+                offs.append(running)
+            offsets = torch.tensor(offs, dtype=torch.int32, device=device)
+        return Run(view, segs, row_slots, offsets)
+
+    @property
+    def lo(self) -> int:
+        return self.segments[0][1]
+
+    @property
+    def hi(self) -> int:
+        return self.segments[-1][2]
+
+    @property
+    def slots(self) -> slice:
+        """The slot range the run's grouped matmul reads (first..last slot)."""
+        return slice(self.segments[0][0], self.segments[-1][0] + 1)

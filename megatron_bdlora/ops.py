@@ -6,12 +6,18 @@ stacks of adapter slots sized for the largest adapter ([slots, rows, cols]); eac
 (rows, cols, blocks) of its stack entry, so adapters of different ranks and block counts share one batch
 and a small adapter does only its own work (its slice of the stack, never padded zeros).
 
+A fused layer's sub-projections (q/k/v, gate/up) share their input: `lora_shrink_packed` runs all their A factors
+in one call (stored row-interleaved, so a slot's rows of every slice are one matrix) and `lora_expand_packed` adds
+every slice's B output into its columns of the fused output in one call; `lora_shrink` / `lora_expand` are the
+one-slice case.
+
 Serving sorts the batch's tokens by slot once per step (`SlotBatch`, device tensors built without a host
-sync); every layer reuses it. The shrink reads the tokens in slot order and writes the rank space in that
-order; the expand adds each slot's output straight into the layer's output (fused layout included, see
-`OutputLayout`), leaving tokens without an adapter untouched. These step types live in `lora_batch`, below both
-backends. Two backends share these signatures: the Triton kernels (`megatron_bdlora.kernels`, CUDA tensors) and
-torch (CPU); `use_backend` forces one. Training uses one slot and no grouping (`matmul_packed`).
+sync); every layer reuses it and the per-step plans it caches (runs of slots, per-row scalings). The shrink reads
+the tokens in slot order and writes the rank space in that order; the expand adds each slot's output straight
+into the layer's output in place (fused layout included, see `OutputLayout`), leaving tokens without an adapter
+untouched. These step types live in `lora_batch`, below both backends. Two backends share these signatures: the
+Triton kernels (`megatron_bdlora.kernels`, CUDA tensors) and torch (CPU); `use_backend` forces one. Training uses
+one slot and no grouping (`matmul_packed`).
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from megatron_bdlora.lora_batch import FactorView, GraphLaunch, OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.lora_batch import ExpandSlice, FactorView, GraphLaunch, OutputLayout, Run, SlotBatch, SlotViews
 
-# torch path: up to this many tokens, adjacent same-shape slots run as one matmul with gathered factors
+# torch path: up to this many tokens, adjacent slots with one view run as one grouped matmul (decode); longer runs
+# (prefill) one matmul per slot, where the per-call cost is small next to the arithmetic
 GATHER_TOKENS = 64
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's grouped_mm takes on CPU
 BACKENDS = ("auto", "torch", "triton")
 _backend = "auto"  # set_backend(); the environment variable MEGATRON_BDLORA_LORA_BACKEND sets it at import
 
@@ -82,13 +91,38 @@ def lora_shrink(
     adapter and columns beyond a slot's rows are zero (so an all-reduce or all-gather of the whole z is exact).
     graph: size the Triton launch for CUDA-graph capture (the torch path has nothing to capture-proof).
     """
-    views = views if isinstance(views, SlotViews) else SlotViews(views)
+    return lora_shrink_packed(x, weight, [_slot_views(views)], batch, [graph])
+
+
+def lora_shrink_packed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    slices: Sequence[SlotViews],
+    batch: SlotBatch,
+    graphs: Sequence[GraphLaunch | None] | None = None,
+) -> torch.Tensor:
+    """The shrink of P sub-projections sharing their input (fused q/k/v, gate/up) in one call: z [n, P * R].
+
+    weight: [slots, R * P, C], the slices' A stacks row-interleaved (rank row j of slice p at row j * P + p), so a
+    slot's rows of all slices are one dense matrix (one matmul; a rank-r slot computes its r * P rows only); z has
+    the same interleaved columns. slices: each slice's views of its stack weight.unflatten(1, (R, P))[:, :, p].
+    Zeros as lora_shrink; a slice a slot does not hold has zero rows (cleared slots), hence zero columns.
+    """
     if _triton_for(x):
         # lazy: Triton loads on the first kernel launch only (never on CPU paths), after callers chose TRITON_INTERPRET
         from megatron_bdlora import kernels
 
-        return kernels.shrink(x, weight, views, batch, graph=graph)
-    return _grouped_matmul(batch.gather(x), weight, views, batch, None, lambda v, xs: xs[:, : v.in_width])
+        return kernels.shrink_packed(x, weight, slices, batch, graphs=graphs)
+    n, width = x.shape[0], weight.shape[1]
+    lo = batch.first_adapter_row
+    runs = batch.runs(SlotViews.interleaved(slices), GATHER_TOKENS)
+    xs = batch.adapter_rows(x) if runs else x[:0]  # [rows with an adapter, C] in slot order
+    if len(runs) == 1 and lo == 0 and (runs[0].lo, runs[0].hi, runs[0].view.rows) == (0, n, width):
+        return _grouped_matmul(xs, weight, runs[0])  # (every row and column: nothing to zero)
+    z = x.new_zeros(n, width)  # [n, P * R], rank-sized
+    for run in runs:
+        z[lo + run.lo : lo + run.hi, : run.view.rows] = _grouped_matmul(xs[run.lo : run.hi], weight, run)
+    return z
 
 
 def lora_expand(
@@ -109,66 +143,70 @@ def lora_expand(
     z is an all-gather of in_chunks ranks' [n, R] pieces; a slot's rank space is the first in_width / in_chunks
     columns of every piece (S-LoRA column layers).
     """
-    views = views if isinstance(views, SlotViews) else SlotViews(views)
     layout = layout or OutputLayout.contiguous(weight.shape[1])
+    return lora_expand_packed(z, [ExpandSlice(weight, _slot_views(views), scalings, layout, graph)], batch, out,
+                              in_chunks)
+
+
+def lora_expand_packed(
+    z: torch.Tensor, slices: Sequence[ExpandSlice], batch: SlotBatch, out: torch.Tensor, in_chunks: int = 1
+) -> torch.Tensor:
+    """The expand of P sub-projections in one call, each added in place into its columns of one fused output.
+
+    z: [n, in_chunks * P * R] from lora_shrink_packed (rank row j of slice p in column j * P + p of each piece);
+    otherwise as lora_expand, slice by slice.
+    """
     if _triton_for(z):
-        from megatron_bdlora import kernels  # (see lora_shrink)
+        from megatron_bdlora import kernels  # (see lora_shrink_packed)
 
-        return kernels.expand(z, weight, views, scalings, batch, out, layout, in_chunks, graph=graph)
-    n, piece = z.shape[0], z.shape[1] // in_chunks
-
-    def rank_space(v: FactorView, zs: torch.Tensor) -> torch.Tensor:  # [n, in_width]
-        if in_chunks == 1:
-            return zs[:, : v.in_width]
-        return zs.reshape(n, in_chunks, piece)[:, :, : v.in_width // in_chunks].reshape(n, v.in_width)
-
-    y = _grouped_matmul(z, weight, views, batch, scalings, rank_space)  # [n, O] in slot order
-    lo = batch.segments[0][1] if batch.segments else n  # tokens before lo have no adapter
-    target = layout.view(out, y.shape[1])  # [n, groups, group_width]
-    y = y[lo:].reshape(n - lo, *target.shape[1:]).to(out.dtype)
-    order = batch.host_order()
-    if order is None:
-        target[lo:] += y
-    else:
-        target.index_add_(0, order[lo:], y)
+        return kernels.expand_packed(z, slices, batch, out, in_chunks)
+    zs = z[batch.first_adapter_row :]  # [rows with an adapter, in_chunks * P * R]
+    for p, sl in enumerate(slices):
+        for run in batch.runs(sl.views, GATHER_TOKENS):
+            u = _rank_space(zs[run.lo : run.hi], run.view.in_width, p, len(slices), in_chunks)  # [t, in_width]
+            u = u * batch.row_scalings(sl.scalings, run).to(u.dtype)
+            y = _grouped_matmul(u, sl.weight, run).to(out.dtype)  # [t, O]
+            target = sl.layout.view(out, y.shape[1])  # [n, groups, group_width]
+            batch.add_adapter_rows(target, y.view(y.shape[0], *target.shape[1:]), run.lo)
     return out
 
 
-def _grouped_matmul(x, weight, views, batch, scalings, inputs_for) -> torch.Tensor:
-    """out[rows of slot s, :rows_s] = inputs_s @ W_s.T (* scaling_s) over the sorted rows, zeros elsewhere.
+def _slot_views(views: Sequence[FactorView | None]) -> SlotViews:
+    return views if isinstance(views, SlotViews) else SlotViews(views)
 
-    Decode-sized batches: adjacent slots with the same view (same rank and blocks: typical for a fleet of
-    adapters) run as one batched matmul with each token's own factor gathered (BGMV, as Punica / S-LoRA do for
-    decode); longer segments (prefill) run one matmul per slot.
+
+def _rank_space(z: torch.Tensor, width: int, p: int, slices: int, chunks: int) -> torch.Tensor:
+    """Slice p's first width / chunks rank columns of every gathered piece of z: [t, width] (a view if one piece)."""
+    t, per = z.shape[0], width // chunks
+    pieces = z.view(t, chunks, -1, slices)[:, :, :per, p]  # [t, chunks, per]
+    return pieces[:, 0] if chunks == 1 else pieces.reshape(t, width)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether grouped_mm takes the tensor: every stride but the unit one a multiple of 16 bytes."""
+    return all(stride * t.element_size() % 16 == 0 for stride in t.stride() if stride != 1)
+
+
+def _grouped_matmul(x: torch.Tensor, weight: torch.Tensor, run: Run) -> torch.Tensor:
+    """y[rows of slot s] = x_rows @ W_s.T over one run ([t, >= in_width] -> [t, rows]), W_s = weight[s, :rows, :cols].
+
+    A decode-sized run of several slots is one grouped matmul reading each slot's factor in place (no gathered
+    copies; on CPU, for the dtypes and strides torch's grouped_mm takes, dense factors); otherwise one matmul per
+    segment.
     """
-    n, width = x.shape[0], weight.shape[1]
-    fills_all, groups = batch.plan(views, width, GATHER_TOKENS)
-    out = None if fills_all else x.new_zeros(n, width)  # [n, R or O]
-    for v, lo, hi, slots, segs in groups:
-        inputs = inputs_for(v, x)  # [n, in_width]
-        if slots is not None:  # gathered factors, one matmul for the group
-            xs = inputs[lo:hi]
-            if scalings is not None:
-                xs = xs * scalings.index_select(0, slots).to(xs.dtype)[:, None]
-            wt = weight.index_select(0, slots)[:, : v.rows, : v.cols]  # [t, rows, cols]
-            if v.blocks == 1:
-                y = torch.bmm(xs[:, None, :], wt.transpose(1, 2))  # [t, 1, rows]
-            else:
-                xb = xs.reshape(hi - lo, v.blocks, v.cols)  # [t, k, cols]
-                wb = wt.reshape(hi - lo, v.blocks, v.rows // v.blocks, v.cols)  # [t, k, rows/k, cols]
-                y = torch.einsum("tki,tkoi->tko", xb, wb)  # [t, k, rows/k]
-            y = y.reshape(hi - lo, v.rows)
-            if out is None:
-                return y
-            out[lo:hi, : v.rows] = y
-            continue
-        for slot, s_lo, s_hi in segs:
-            xs = inputs[s_lo:s_hi] if scalings is None else inputs[s_lo:s_hi] * scalings[slot].to(inputs.dtype)
-            y = matmul_packed(xs, weight[slot, : v.rows, : v.cols], v.blocks)
-            if out is None:
-                return y  # the only segment, covering every row and column
-            out[s_lo:s_hi, : v.rows] = y
-    return x.new_zeros(n, width) if out is None else out
+    v = run.view
+    x = x[:, : v.in_width]
+    if run.offsets is not None and x.device.type == "cpu" and x.dtype in GROUPED_DTYPES and v.blocks == 1:
+        w = weight[run.slots, : v.rows, : v.cols]  # [slots of the run, rows, cols], a view
+        if _aligned(x) and _aligned(w):
+            return F.grouped_mm(x, w.transpose(1, 2), offs=run.offsets)
+    if len(run.segments) == 1:
+        return matmul_packed(x, weight[run.segments[0][0], : v.rows, : v.cols], v.blocks)
+    y = x.new_empty(x.shape[0], v.rows)
+    for slot, lo, hi in run.segments:
+        y[lo - run.lo : hi - run.lo] = matmul_packed(x[lo - run.lo : hi - run.lo], weight[slot, : v.rows, : v.cols],
+                                                     v.blocks)
+    return y
 
 
 set_backend(os.environ.get("MEGATRON_BDLORA_LORA_BACKEND", "auto"))

@@ -59,3 +59,15 @@ def tp1():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a test on one LoRA ops backend (megatron_bdlora.ops); Triton runs in its interpreter unless a GPU is
+    present."""
+    from megatron_bdlora.ops import use_backend
+
+    if request.param == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with use_backend(request.param):
+        yield request.param

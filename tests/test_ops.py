@@ -22,15 +22,6 @@ TOKENS = [  # per-token slots: uneven segments, slot 4 idle, -1 = base model onl
 ]
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    """Run a test on one backend; Triton runs in its interpreter unless a GPU is present."""
-    if request.param == "triton" and not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with use_backend(request.param):
-        yield request.param
-
-
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 

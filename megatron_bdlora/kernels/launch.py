@@ -7,11 +7,13 @@ input rows with a handful of tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 
 from megatron_bdlora.kernels.segment_lora import segment_lora_kernel
-from megatron_bdlora.lora_batch import GraphLaunch, OutputLayout, SlotBatch, SlotViews
+from megatron_bdlora.lora_batch import ExpandSlice, GraphLaunch, OutputLayout, SlotBatch, SlotViews
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
@@ -24,7 +26,9 @@ def _capacity_tiles(rows: int, block_n: int, max_blocks: int) -> int:
 
 
 def _launch(x, weight, out, views, batch, *, shrink, scalings=None, layout=None, in_chunks=1, chunk_stride=0,
-            split_k=1, block_m=None, block_n=None, block_k=None, fixed_grid=None, graph: GraphLaunch | None = None):
+            in_slices=(0, 1), split_k=1, block_m=None, block_n=None, block_k=None, fixed_grid=None,
+            graph: GraphLaunch | None = None):
+    # in_slices (p, P): x's columns are P slices row-interleaved (a packed rank space), this launch reads slice p
     if x.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("segment LoRA kernel: inputs and outputs need contiguous rows (last stride 1)")
     n = batch.num_tokens
@@ -57,7 +61,7 @@ def _launch(x, weight, out, views, batch, *, shrink, scalings=None, layout=None,
         x, weight, out, scalings if scalings is not None else out,
         batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots, table,
         x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
-        in_chunks, chunk_stride, layout.group_width, layout.group_stride, layout.offset,
+        in_chunks, chunk_stride, in_slices[1], in_slices[0], layout.group_width, layout.group_stride, layout.offset,
         X_BY_TOKEN=shrink, OUT_BY_TOKEN=not shrink, HAS_SCALE=scalings is not None, ACCUMULATE=not shrink,
         SPLIT_K=split_k, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -74,10 +78,22 @@ def default_split_k(num_tokens: int, cols: int) -> int:
 def shrink(x: torch.Tensor, weight: torch.Tensor, views: SlotViews, batch: SlotBatch, split_k: int | None = None,
            graph: GraphLaunch | None = None, **tiles) -> torch.Tensor:
     """ops.lora_shrink on the GPU: z [n, R] in slot order (float32 when split-K sums atomically)."""
+    return shrink_packed(x, weight, [views], batch, split_k, [graph], **tiles)
+
+
+def shrink_packed(x: torch.Tensor, weight: torch.Tensor, slices: Sequence[SlotViews], batch: SlotBatch,
+                  split_k: int | None = None, graphs: Sequence[GraphLaunch | None] | None = None,
+                  **tiles) -> torch.Tensor:
+    """ops.lora_shrink_packed on the GPU: one launch per slice, each writing its interleaved columns of z (slice p's
+    stack is the strided view weight.unflatten(1, (R, P))[:, :, p], which the slot tables describe)."""
     split_k = split_k or default_split_k(batch.num_tokens, weight.shape[2])
     dtype = torch.float32 if split_k > 1 else x.dtype
     z = torch.zeros(x.shape[0], weight.shape[1], dtype=dtype, device=x.device)
-    _launch(x, weight, z, views, batch, shrink=True, split_k=split_k, graph=graph, **tiles)
+    stacks = weight.unflatten(1, (-1, len(slices)))  # [slots, R, P, C]
+    for p, views in enumerate(slices):
+        graph = graphs[p] if graphs else None
+        _launch(x, stacks[:, :, p], z, views, batch, shrink=True, layout=OutputLayout(1, len(slices), p),
+                split_k=split_k, graph=graph, **tiles)
     return z
 
 
@@ -85,6 +101,14 @@ def expand(z: torch.Tensor, weight: torch.Tensor, views: SlotViews, scalings: to
            out: torch.Tensor, layout: OutputLayout, in_chunks: int = 1, graph: GraphLaunch | None = None,
            **tiles) -> torch.Tensor:
     """ops.lora_expand on the GPU: adds into out in place (fused layout), tokens without an adapter untouched."""
-    _launch(z, weight, out, views, batch, shrink=False, scalings=scalings, layout=layout, in_chunks=in_chunks,
-            chunk_stride=z.shape[1] // in_chunks, graph=graph, **tiles)
+    return expand_packed(z, [ExpandSlice(weight, views, scalings, layout, graph)], batch, out, in_chunks, **tiles)
+
+
+def expand_packed(z: torch.Tensor, slices: Sequence[ExpandSlice], batch: SlotBatch, out: torch.Tensor,
+                  in_chunks: int = 1, **tiles) -> torch.Tensor:
+    """ops.lora_expand_packed on the GPU: one launch per slice, reading its interleaved columns of z."""
+    for p, sl in enumerate(slices):
+        _launch(z, sl.weight, out, sl.views, batch, shrink=False, scalings=sl.scalings, layout=sl.layout,
+                in_chunks=in_chunks, chunk_stride=z.shape[1] // in_chunks, in_slices=(p, len(slices)),
+                graph=sl.graph, **tiles)
     return out

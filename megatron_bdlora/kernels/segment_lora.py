@@ -10,7 +10,9 @@ tokens, rank or blocks: a rank-8 slot beside a rank-64 one does rank-8 work.
 
 Shrink reads tokens through the sort order and writes the rank space in slot order; expand reads it in slot
 order and adds into the output rows of the tokens at the columns the output layout names (a fused q/k/v or
-gate/up output, or a row S-LoRA slice), so tokens without an adapter are never touched.
+gate/up output, or a row S-LoRA slice), so tokens without an adapter are never touched. A packed projection's
+slices share one rank space, row-interleaved (slice p's rank row j in column j * slices + p): the shrink writes
+its slice's columns through an output layout, the expand reads them with in_stride / in_offset.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def segment_lora_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr,
     order_ptr, starts_ptr, counts_ptr, active_ptr, views_ptr,
     stride_xm, stride_ws, stride_wr, stride_wc, stride_om,
-    in_chunks, chunk_stride, group_width, group_stride, out_offset,
+    in_chunks, chunk_stride, in_stride, in_offset, group_width, group_stride, out_offset,
     X_BY_TOKEN: tl.constexpr,  # x rows are token positions (shrink) or slot-order rows (expand)
     OUT_BY_TOKEN: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -72,7 +74,7 @@ def segment_lora_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
         j = block * cols + offs_k  # the slot's input column
-        x_cols = (j // per_chunk) * chunk_stride + j % per_chunk
+        x_cols = (j // per_chunk) * chunk_stride + (j % per_chunk) * in_stride + in_offset
         xt = tl.load(
             x_ptr + x_rows[:, None] * stride_xm + x_cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )

@@ -1,0 +1,166 @@
+"""The packed serving path of fused layers: one shrink for q/k/v (gate/up) and one expand into the fused output give
+what three (two) separate single-projection layers give, in float64, with mixed ranks and block counts in one batch
+and an adapter that skips a sub-projection, in every mode, at TP 1 and 2; slot loads after the first packed forward
+are seen by the next one (the adapters' factors are views of the packed stack, not copies), and stay views after a
+module conversion (.to())."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_layers import MODES, _config
+
+from megatron_bdlora.local_ranks import run_distributed
+
+pytestmark = pytest.mark.multi_rank
+
+D_IN, RANK, SLOTS = 16, 8, 4
+FUSED = {  # layer -> (sub-projections with their d_out, output groups: query groups, or None = one per rank)
+    "qkv": ((("q_proj", 16), ("k_proj", 8), ("v_proj", 8)), 2),
+    "gate_up": ((("gate_proj", 24), ("up_proj", 24)), None),
+}
+SLOT_IDS = [0, 2, -1, 1, 1, 0, 3, 2, 3, 0, -1, 2]  # slot 3's adapter skips the second sub-projection
+
+
+def _adapters(mode: str, tp: int) -> list[tuple[int, int | None]]:
+    """(rank, nblocks) per slot: the capacity, a lower rank, more blocks per rank (BD), a lower rank again."""
+    bd = mode == "block_diagonal"
+    return [(RANK, tp if bd else None), (RANK // 2, tp if bd else None), (RANK, 2 * tp if bd else None),
+            (RANK // 2, tp if bd else None)]
+
+
+def _factors(mode, proj, d_out, rank, nblocks, tp, seed):
+    """Full stored A, B (PEFT layout) of one sub-projection's adapter, float64, and its plan."""
+    from megatron_bdlora.sharding import ShardingPlan
+
+    plan = ShardingPlan.build("column", mode, D_IN, d_out, rank, tp, nblocks)
+    g = torch.Generator().manual_seed(seed * 100 + sum(map(ord, proj)))
+    return plan, torch.randn(plan.a.full_shape, generator=g, dtype=torch.float64), torch.randn(
+        plan.b.full_shape, generator=g, dtype=torch.float64
+    )
+
+
+def _layer(info, mode, projections, groups, dtype):
+    from megatron_bdlora.config import LoRASettings
+    from megatron_bdlora.layers import LoRALayerSpec, make_parallel_linear
+
+    settings = LoRASettings(rank=RANK, alpha=2.0 * RANK, mode=mode, nblocks=info.tp_size if mode == "block_diagonal"
+                            else None)
+    spec = LoRALayerSpec(settings, projections, groups=groups, layer_name="fused", slots=SLOTS)
+    return make_parallel_linear("column", D_IN, sum(d for _, d in projections), _config(info.tp_size, dtype), spec)
+
+
+def _load(info, layers_of, mode, projections, seed):
+    """Every slot's adapter into the layer holding each sub-projection (slot 3 skips the second one)."""
+    for slot, (rank, nblocks) in enumerate(_adapters(mode, info.tp_size)):
+        for i, (proj, d_out) in enumerate(projections):
+            adapter = layers_of[proj].lora[proj]
+            if slot == 3 and i == 1:
+                adapter.clear_slot(slot)
+                continue
+            plan, a, b = _factors(mode, proj, d_out, rank, nblocks, info.tp_size, seed + slot)
+            dtype = adapter.lora_A.dtype
+            a_local, b_local = plan.a.shard(a, info.tp_rank).to(dtype), plan.b.shard(b, info.tp_rank).to(dtype)
+            adapter.load_slot(slot, a_local, b_local, plan, 0.5 + slot)
+
+
+def packed_worker(info, cases):
+    """Per case: the fused layer's local output and the separate layers' local outputs, before and after a reload."""
+    out = []
+    for mode, name, dtype in cases:
+        projections, groups = FUSED[name]
+        fused = _layer(info, mode, projections, groups, dtype)
+        separate = {proj: _layer(info, mode, ((proj, d),), None, dtype) for proj, d in projections}
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for layer in (fused, *separate.values()):
+                layer.weight.zero_()  # outputs are the LoRA contributions alone
+        x = torch.randn(len(SLOT_IDS), 1, D_IN, generator=g, dtype=torch.float64).to(dtype)  # [s, b, h]
+        runs = []
+        for seed in (0, 1):  # the second load lands in the slots after the first packed forward
+            _load(info, {p: fused for p, _ in projections}, mode, projections, seed)
+            _load(info, separate, mode, projections, seed)
+            ys = {}
+            with torch.no_grad():
+                for key, layer in (("fused", fused), *separate.items()):
+                    layer.set_lora_slots(torch.tensor(SLOT_IDS))
+                    ys[key] = layer(x)[0].reshape(len(SLOT_IDS), -1)
+            runs.append(ys)
+        fused.to(torch.float16)  # a conversion gives every parameter its own storage: the layer packs them again there
+        packed = fused._lora_a_packed[0]
+        tied = all(ad.lora_A.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+                   for ad in fused.lora_adapters)
+        out.append((runs, tied))
+    return out
+
+
+def _interleave(parts: list[torch.Tensor], groups: int) -> torch.Tensor:
+    """Independent of the layer: the fused layout is, per output group, [proj0 | proj1 | ...]."""
+    per_group = [p.reshape(p.shape[0], groups, -1) for p in parts]  # [n, groups, width / groups]
+    return torch.cat(per_group, dim=-1).reshape(parts[0].shape[0], -1)
+
+
+CASES = [(mode, name, torch.float64) for mode in MODES for name in FUSED] + [("block_diagonal", "qkv", torch.float32)]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_packed_fused_layer_equals_separate_projections(tp):
+    per_rank = run_distributed(packed_worker, tp, CASES)
+    for rank, results in enumerate(per_rank):
+        for (mode, name, dtype), (runs, tied) in zip(CASES, results):
+            assert tied, f"{name}/{mode}: after .to() the adapters' A stacks are no longer views of the packed stack"
+            projections, groups = FUSED[name]
+            local_groups = (groups or tp) // tp
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            for seed, ys in enumerate(runs):
+                label = f"{name}/{mode}/{dtype}/tp{tp}/rank{rank}/load{seed}"
+                want = _interleave([ys[p] for p, _ in projections], local_groups)
+                got = ys["fused"]
+                assert want.abs().max() > 0.1, f"{label}: no LoRA output to compare"
+                err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+                assert err <= tol, f"{label}: packed vs separate rel err {err:.3g}"
+                base_rows = [t for t, s in enumerate(SLOT_IDS) if s < 0]
+                assert not got[base_rows].any(), f"{label}: tokens without an adapter got a LoRA output"
+
+
+def test_packed_ops_equal_each_slice_alone_in_float64_math(backend):
+    """The ops themselves on both backends: three slices row-interleaved in one A stack (slot 1 of rank 2, slot 2
+    holding only slices 0 and 2), their B stacks expanded into one fused output of 2 groups, z all-gathered from 2
+    ranks; each slice checked against per-token float64 math (ops_reference), other columns untouched."""
+    from ops_reference import check, poisoned_stack, reference_expand, reference_shrink
+
+    from megatron_bdlora.lora_batch import ExpandSlice, FactorView, OutputLayout, SlotBatch, SlotViews
+    from megatron_bdlora.ops import lora_expand_packed, lora_shrink_packed
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    slot_ids = [1, 0, -1, 2, 0, 1, 2, 0]
+    batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids, device=dev), 3)
+    a_views = [SlotViews([FactorView(4, 16), FactorView(2, 16), None if p == 1 else FactorView(4, 16)])
+               for p in range(3)]
+    widths = (8, 4, 4)  # per group: q 8 columns, k 4, v 4 (B: [2 groups * width, 4 ranks * 2 chunks] per slot)
+    b_views = [SlotViews([FactorView(2 * w, 8), FactorView(2 * w, 4), None if p == 1 else FactorView(2 * w, 8)])
+               for p, w in enumerate(widths)]
+    stacks = [poisoned_stack(v, (4, 16), torch.float32, p) for p, v in enumerate(a_views)]
+    stacks[1][2] = 0  # a slice a slot does not hold has zero rows (LoRAAdapter.clear_slot); other unused rows stay NaN
+    a = torch.stack(stacks, dim=2).flatten(1, 2).to(dev)  # [3 slots, 4 ranks * 3 slices, 16], rows interleaved
+    b = [poisoned_stack(v, (2 * w, 8), torch.float32, 10 + p).to(dev) for p, (v, w) in enumerate(zip(b_views, widths))]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(slot_ids), 16, generator=g).to(dev)
+    scalings = torch.tensor([0.5, 2.0, 1.5], device=dev)
+
+    z = lora_shrink_packed(x, a, a_views, batch)  # [n, 12]: column j * 3 + p is slice p's rank row j
+    for p in range(3):
+        check(z[:, p::3].cpu(), reference_shrink(x.cpu(), stacks[p], a_views[p], slot_ids), torch.float32, f"z{p}")
+    other = torch.randn(z.shape, generator=g).to(dev)  # the other rank's piece of the all-gather
+    gathered = torch.cat([z, other], dim=-1)
+    layouts = [OutputLayout(w, 16, off) for w, off in zip(widths, (0, 8, 12))]
+    poison = torch.randn(len(slot_ids), 34, generator=g).to(dev)  # 32 fused columns, 2 nobody addresses
+    out = poison.clone()
+    lora_expand_packed(gathered, [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(3)], batch, out,
+                       in_chunks=2)
+    want = poison.double().cpu()
+    for p in range(3):
+        piece = torch.cat([z[:, p::3], other[:, p::3]], dim=-1).cpu()  # the slice's [n, 2 * 4] gathered rank space
+        want = reference_expand(want, piece, b[p].cpu(), b_views[p], scalings.cpu(), slot_ids, layouts[p], 2)
+    check(out.cpu(), want, torch.float32, "fused expand")
+    assert torch.equal(out[:, 32:], poison[:, 32:]) and torch.equal(out[2], poison[2])
