@@ -33,8 +33,23 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.lora_batch import ExpandSlice, FactorView, GraphLaunch, OutputLayout, SlotBatch, SlotViews
-from megatron_bdlora.ops import lora_expand_packed, lora_shrink_packed, matmul_packed
+from megatron_bdlora.lora_batch import (
+    DenseFactors,
+    ExpandSlice,
+    FactorView,
+    GraphLaunch,
+    OutputLayout,
+    SlotBatch,
+    SlotViews,
+)
+from megatron_bdlora.ops import (
+    dense_factors,
+    lora_dense_branch,
+    lora_expand_packed,
+    lora_shrink_packed,
+    matmul_packed,
+    uses_dense_branch,
+)
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
 
@@ -257,6 +272,7 @@ class LoRAParallelLinear:
             raise ValueError(f"{spec.layer_name}: none of {[n for n, _ in spec.projections]} is a LoRA target")
         self.lora_adapters = tuple(self.lora.values())  # (in the fused order; the serving path reads it per forward)
         self._lora_a_packed: tuple[torch.Tensor | None, list[int]] = (None, [])  # see packed_lora_a
+        self._dense: DenseFactors | None = None  # serving, decode-sized steps: see _dense_factors
         self.lora_layouts = self._output_layouts()
         if spec.slots > 1 and len(self.lora_adapters) > 1:  # a serving layer: packed from the start (see packed_lora_a)
             self._tie_lora_a()
@@ -332,12 +348,28 @@ class LoRAParallelLinear:
         x = x.reshape(-1, x.shape[-1])  # [tokens, in_local]
         adapters = self.lora_adapters
         plan = adapters[0].plan
+        if plan.collective is Collective.NONE and uses_dense_branch(x, batch):
+            lora_dense_branch(x, out, self._dense_factors(batch, x.shape[1], out.shape[1]), batch)
+            return
         z = lora_shrink_packed(x, self.packed_lora_a(), [ad.a_views for ad in adapters], batch,
                                [ad.graph_launch(ad.a_table) for ad in adapters])  # [tokens, P * r] in slot order
         z = gather_rank_intermediates([z], plan.collective, self.tp_group)[0]
-        slices = [ExpandSlice(ad.lora_B, ad.b_views, ad.scaling, self.lora_layouts[name], ad.graph_launch(ad.b_table))
-                  for name, ad in self.lora.items()]
-        lora_expand_packed(z, slices, batch, out, plan.tp if plan.collective is Collective.ALL_GATHER else 1)
+        chunks = plan.tp if plan.collective is Collective.ALL_GATHER else 1
+        lora_expand_packed(z, self._expand_slices(), batch, out, chunks)
+
+    def _expand_slices(self) -> list[ExpandSlice]:
+        return [ExpandSlice(ad.lora_B, ad.b_views, ad.scaling, self.lora_layouts[name], ad.graph_launch(ad.b_table))
+                for name, ad in self.lora.items()]
+
+    def _dense_factors(self, batch: SlotBatch, in_width: int, out_width: int) -> DenseFactors:
+        """This step's used slots as DenseFactors, rebuilt only when they or an adapter changed (decode keeps both
+        for many steps)."""
+        slots = tuple(sorted(slot for slot, _, _ in batch.segments))
+        sources = [v for ad in self.lora_adapters for v in (ad.a_views, ad.b_views)]
+        if self._dense is None or not self._dense.current(slots, sources):
+            a_slices = [(ad.lora_A, ad.a_views) for ad in self.lora_adapters]
+            self._dense = dense_factors(a_slices, self._expand_slices(), slots, in_width, out_width)
+        return self._dense
 
     def packed_lora_a(self) -> torch.Tensor:
         """[slots, P * R, C]: the P adapters' A stacks in one storage, rank rows interleaved (row j of adapter p at

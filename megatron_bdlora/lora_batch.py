@@ -120,6 +120,11 @@ class OutputLayout:
         """A plain layer's layout: one group, the expand's columns are the output's."""
         return OutputLayout(width, width, 0)
 
+    def columns(self, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[width] long: the output column of each of an expand's `width` columns."""
+        c = torch.arange(width, device=device)
+        return (c // self.group_width) * self.group_stride + self.offset + c % self.group_width
+
     def view(self, out: torch.Tensor, width: int) -> torch.Tensor:
         """[n, D] output -> the [n, groups, group_width] strided view of the columns this layout addresses."""
         groups = width // self.group_width
@@ -140,6 +145,26 @@ class ExpandSlice:
     scalings: torch.Tensor  # [slots]
     layout: OutputLayout
     graph: GraphLaunch | None = None
+
+
+@dataclass(frozen=True)
+class DenseFactors:
+    """A layer's adapters in the slots a step uses, as two dense matrices (the torch path of decode-sized steps).
+
+    a_t [in, rows]: every used slot's A rows of every sub-projection (block-diagonal factors made dense); b [rows,
+    out]: the matching B rows, scaled, placed at their output columns (fused layout). row_slots: the slot of each
+    row. `sources` are the views the matrices were built from: loads replace views, so a cache entry is current
+    while its sources are the layer's views (compared by identity) and the step uses the same slots.
+    """
+
+    slots: tuple[int, ...]
+    sources: tuple[SlotViews, ...]
+    a_t: torch.Tensor
+    b: torch.Tensor
+    row_slots: tuple[int, ...]
+
+    def current(self, slots: tuple[int, ...], sources: Sequence[SlotViews]) -> bool:
+        return self.slots == slots and all(a is b for a, b in zip(self.sources, sources, strict=True))
 
 
 @dataclass(frozen=True)
@@ -227,6 +252,24 @@ class SlotBatch:
             identity = bool((order.cpu() == torch.arange(self.num_tokens)).all())
             self._cache["order"] = None if identity else order
         return self._cache["order"]
+
+    def token_slots(self) -> torch.Tensor:
+        """[tokens] long: each token's slot in token order (-1: none), from the segments (host; once per step)."""
+        if "token_slots" not in self._cache:
+            slots = torch.full((self.num_tokens,), -1, dtype=torch.long, device=self.order.device)
+            order = self.order.long()
+            for slot, start, stop in self.segments:
+                slots[order[start:stop]] = slot
+            self._cache["token_slots"] = slots
+        return self._cache["token_slots"]
+
+    def slot_mask(self, row_slots: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, rows] 1 where row r belongs to the token's own slot (row_slots[r]), else 0 (cached per layout)."""
+        key = ("mask", row_slots, dtype)
+        if key not in self._cache:
+            rows = torch.tensor(row_slots, dtype=torch.long, device=self.order.device)
+            self._cache[key] = (self.token_slots()[:, None] == rows[None, :]).to(dtype)
+        return self._cache[key]
 
     def adapter_rows(self, x: torch.Tensor) -> torch.Tensor:
         """[tokens, d] -> the [rows with an adapter, d] of the slot order (a view when tokens are already grouped)."""

@@ -121,6 +121,7 @@ def test_packed_fused_layer_equals_separate_projections(tp):
                 assert err <= tol, f"{label}: packed vs separate rel err {err:.3g}"
                 base_rows = [t for t, s in enumerate(SLOT_IDS) if s < 0]
                 assert not got[base_rows].any(), f"{label}: tokens without an adapter got a LoRA output"
+            assert not torch.equal(runs[0]["fused"], runs[1]["fused"]), f"{name}/{mode}: the reload was not picked up"
 
 
 def test_packed_ops_equal_each_slice_alone_in_float64_math(backend):
@@ -164,3 +165,48 @@ def test_packed_ops_equal_each_slice_alone_in_float64_math(backend):
         want = reference_expand(want, piece, b[p].cpu(), b_views[p], scalings.cpu(), slot_ids, layouts[p], 2)
     check(out.cpu(), want, torch.float32, "fused expand")
     assert torch.equal(out[:, 32:], poison[:, 32:]) and torch.equal(out[2], poison[2])
+
+
+def test_dense_branch_equals_each_slice_alone_in_float64_math():
+    """The decode-sized torch path (ops.lora_dense_branch): three slices whose slots differ in rank, block count
+    (a BD A factor of 2 blocks) and coverage (slot 2 lacks slice 1), B rows at their fused-output columns of 2
+    groups; each token gets its own slot's output in token order, tokens without an adapter and unaddressed columns
+    stay bit-identical, the poisoned (NaN) parts of the stacks are never read, and a reload is picked up."""
+    from ops_reference import check, poisoned_stack, reference_expand, reference_shrink
+
+    from megatron_bdlora.lora_batch import ExpandSlice, FactorView, OutputLayout, SlotBatch, SlotViews
+    from megatron_bdlora.ops import dense_factors, lora_dense_branch
+
+    slot_ids = [1, 0, -1, 2, 0, 1, 2, 0]
+    batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids), 3)
+    a_views = [SlotViews([FactorView(4, 8, 2), FactorView(2, 16), None if p == 1 else FactorView(4, 16)])
+               for p in range(3)]
+    widths = (8, 4, 4)
+    b_views = [SlotViews([FactorView(2 * w, 4), FactorView(2 * w, 2), None if p == 1 else FactorView(2 * w, 4)])
+               for p, w in enumerate(widths)]
+    a = [poisoned_stack(v, (4, 16), torch.float32, p) for p, v in enumerate(a_views)]
+    b = [poisoned_stack(v, (2 * w, 4), torch.float32, 10 + p) for p, (v, w) in enumerate(zip(b_views, widths))]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(slot_ids), 16, generator=g)
+    scalings = torch.tensor([0.5, 2.0, 1.5])
+    layouts = [OutputLayout(w, 16, off) for w, off in zip(widths, (0, 8, 12))]
+    poison = torch.randn(len(slot_ids), 34, generator=g)  # 32 fused columns, 2 nobody addresses
+
+    def expected() -> torch.Tensor:
+        want = poison.double()
+        for p in range(3):
+            z = reference_shrink(x, a[p], a_views[p], slot_ids)  # [n, 4] in slot order
+            want = reference_expand(want, z, b[p], b_views[p], scalings, slot_ids, layouts[p])
+        return want
+
+    def run() -> torch.Tensor:
+        slices = [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(3)]
+        factors = dense_factors(list(zip(a, a_views)), slices, (0, 1, 2), 16, 34)
+        return lora_dense_branch(x, poison.clone(), factors, batch)
+
+    out = run()
+    check(out, expected(), torch.float32, "dense branch")
+    assert torch.equal(out[:, 32:], poison[:, 32:]) and torch.equal(out[2], poison[2])
+    a[0][1, :2] = torch.randn(2, 16, generator=g)  # slot 1 reloaded: new factors, new views (a new rank)
+    a_views[0] = a_views[0].replace(1, FactorView(2, 16))
+    check(run(), expected(), torch.float32, "dense branch after a reload")
