@@ -5,6 +5,8 @@ serving benchmark, its flags and its run (tools/bench_serving.py is its command 
         --json runs/bench_serving.json --plot runs/bench_serving.png
     python tools/bench_serving.py --tp 1 --peft --json runs/bench_serving_tp1.json --plot runs/bench_serving_tp1.png
     python tools/bench_serving.py --tp 2 --model-shape llama-3.1-8b --layers 2 --paper-ranks --json runs/paper_tp2.json
+    python tools/bench_serving.py --model random --modes block_diagonal --num-adapters 1000 --max-loras 8 \
+        --max-cpu-loras 64 --mixed-formats --json runs/bench_1000_adapters.json
 
 One workload (prompts as token ids, an adapter per request drawn from a power-law popularity as in S-LoRA's
 benchmark, arrival times, output lengths; all from --seed) is replayed in-process, without HTTP, through
@@ -15,6 +17,12 @@ loops serve the same adapters converted exactly, so their greedy outputs must eq
 "none" sends every request to the base model (same loop, no adapter): the floor. --peft (TP 1) also runs
 the prompts through transformers + PEFT mixed-adapter batching (`generate(..., adapter_names=[...])`) in
 static batches of --max-num-seqs requests, and compares its greedy outputs with ours.
+
+Many adapters (S-LoRA's setting): --max-loras / --max-cpu-loras bound the adapter slots and host copies of our loops
+(by default every adapter stays resident), so adapters dropped from the host cache are read again while their
+requests wait (the loop's background reads); --mixed-formats stores every other adapter as a PEFT directory. The
+tables then also show each system's adapter reads, their latency and the loop steps in which a request waited for
+one; the warm-up then leaves the adapters outside its own requests cold (their reads are part of what is measured).
 
 --model-shape gives the random base the per-layer widths of Llama-3.1-8B / 70B (d, ffn, query and KV heads;
 SmolLM2's vocabulary of 49152, not 128256) with --layers layers. --paper-ranks compares as the paper does, at
@@ -112,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--bd-ranks", default=",".join(r[3:] for r in BD_PAPER_RANKS),
                    help="with --paper-ranks: which BD systems to run, comma-separated from 2r, 4r, matched "
                         "(default: all three; fewer make a sweep cheaper)")
+    w.add_argument("--mixed-formats", action="store_true",
+                   help="serve every other adapter from a PEFT directory (exported exactly from its native "
+                        "checkpoint), so that both formats are read from disk")
     w.add_argument("--popularity-alpha", type=float, default=1.0,
                    help="power-law (Zipf) popularity of the adapters as in S-LoRA's benchmark: adapter k is drawn with "
                    "weight 1/(k+1)^alpha; 0 = uniform (default 1.0)")
@@ -146,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per engine step (prompt chunks + decodes); a multiple of 64 (default 512)")
     e.add_argument("--max-loras", type=int, default=None,
                    help="adapter slots of our loop (default: --num-adapters, all resident)")
+    e.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapter host copies of our loop (default: --max-loras); adapters beyond them are read again "
+                        "from disk when requested, off the engine's critical path")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="context length of the loop (default: longest prompt + output)")
     e.add_argument("--kv-cache-gb", type=float, default=0.5, help="paged KV cache per rank, GB (default 0.5)")
@@ -201,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model == "smollm2" and 3 % args.tp:
         p.error(f"SmolLM2-135M has 3 KV heads: it cannot run at --tp {args.tp}; use --model random")
     args.max_loras = args.max_loras or args.num_adapters
+    if args.max_cpu_loras is not None and args.max_cpu_loras < args.max_loras:
+        p.error(f"--max-cpu-loras {args.max_cpu_loras} must be >= --max-loras {args.max_loras}")
     need = args.prompt_len[1] + args.output_len[1]
     args.max_model_len = args.max_model_len or need
     if args.max_model_len < need:
@@ -208,6 +224,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.threads = args.threads or max(1, usable_cpu_count() // args.tp)
     args.warmup = min(args.warmup, args.num_requests)
     return args
+
+
+def _pool_text(args: argparse.Namespace) -> str:
+    """The title's adapter pool, where it is not every adapter resident."""
+    text = f", max-loras {args.max_loras}" if args.max_loras < args.num_adapters else ""
+    text += f", max-cpu-loras {args.max_cpu_loras}" if args.max_cpu_loras is not None else ""
+    return text + (", native and PEFT directories" if args.mixed_formats else "")
+
+
+def _mixed(names: dict[str, list[str]]) -> list[str]:
+    """--mixed-formats: the adapters served from PEFT directories (every other one of each variant)."""
+    return [n for variant in names.values() for n in variant[1::2]]
+
+
+def _peft_exported(args: argparse.Namespace, names: dict[str, list[str]]) -> list[str]:
+    """The adapters written as PEFT directories too: all BD ones for the PEFT system, half for --mixed-formats."""
+    return list(dict.fromkeys((names["bd"] if args.peft else []) + (_mixed(names) if args.mixed_formats else [])))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -225,13 +258,17 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
         adapter_dirs = write_adapters(Path(tmp) / "native", hf_config, args, variants)
         peft_dirs = {}
-        if args.peft:
-            peft_dirs = {n: str(export_peft_directory(adapter_dirs[n], Path(tmp) / "peft" / n)) for n in names["bd"]}
+        if args.peft or args.mixed_formats:
+            peft_dirs = {n: str(export_peft_directory(adapter_dirs[n], Path(tmp) / "peft" / n))
+                         for n in _peft_exported(args, names)}
+        if args.mixed_formats:
+            adapter_dirs |= {n: peft_dirs[n] for n in _mixed(names)}
         spec = dict(
             systems=specs, names=names, ranks={v: st.rank for v, st in variants.items()},
             threads=args.threads, warmup=args.warmup, repeats=args.repeats, profile=args.profile,
             megatron_dir=str(meg_dir), hf_dir=str(hf_dir), peft_dirs=peft_dirs, adapter_rank=args.adapter_rank,
-            max_loras=args.max_loras,
+            max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+            all_adapters_cached=(args.max_cpu_loras or args.max_loras) >= args.num_adapters,
             engine=dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                         seed=args.seed),
@@ -258,11 +295,14 @@ def run(args: argparse.Namespace) -> dict:
     adapters_text = (f"{args.num_adapters} BD adapters rank {args.adapter_rank}" if not args.paper_ranks else
                      f"{args.num_adapters} adapters per system: " + ", ".join(
                          f"{v} r={st.rank}" for v, st in variants.items()))
+    per_adapter = [counts[k] for k in range(args.num_adapters)]
+    if args.num_adapters > 16:
+        per_adapter = f"{per_adapter[:8]}... on {len(counts)} distinct adapters"
     title = (f"TP={args.tp}, {model_text}, float32, {args.threads} thread(s)/rank; {args.num_requests} requests "
              f"({args.arrival}{f' {args.rate}/s' if args.arrival == 'poisson' else ''}) over {adapters_text} "
-             f"(requests per adapter {[counts[k] for k in range(args.num_adapters)]}), "
+             f"(requests per adapter {per_adapter}), "
              f"prompt {args.prompt_len[0]}-{args.prompt_len[1]}, output {args.output_len[0]}-{args.output_len[1]}, "
-             f"max-num-seqs {args.max_num_seqs}; median of {args.repeats} repeat(s)")
+             f"max-num-seqs {args.max_num_seqs}{_pool_text(args)}; median of {args.repeats} repeat(s)")
     print(title)
     print(format_systems(list(rows.values())))
     print()

@@ -55,9 +55,11 @@ def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapte
     """Run the workload through the loop (rank 0 submits at the arrival times; every rank steps in lockstep).
 
     adapters[i]: the adapter of request i (None: the base model). Rank 0 returns per-request times (s from the
-    start), tokens, engine steps and, with `count`, the collectives of the first decode-only step.
+    start), tokens, engine steps, its adapter reads (latency of each) and the loop steps in which a request waited
+    for one, and, with `count`, the collectives of the first decode-only step.
     """
     forwards0, decode0 = probe.forwards, probe.decode_forwards
+    reads0, waited0 = loop.read_times.snapshot()[0], loop.counters["steps_waiting_for_adapter"]
     loop.count_collectives = count
     decode_collectives = None
     if info.rank != 0:
@@ -85,7 +87,7 @@ def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapte
             continue
         probe.last_decode_only = None
         before = time.perf_counter()
-        loop.step()
+        loop.step(wait=True)  # work is outstanding: waits only a moment, and only while adapter reads are in flight
         t = time.perf_counter() - t0
         if probe.last_decode_only:
             decode_step_s.append(t0 + t - before)
@@ -110,18 +112,22 @@ def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapte
         if _all_done(finished == n, info.tp_size):
             break
     loop.count_collectives = False
+    reads, _, _, recent = loop.read_times.snapshot()
     return dict(requests=recs, engine_steps=probe.forwards - forwards0,
                 decode_steps=probe.decode_forwards - decode0, decode_collectives=decode_collectives,
-                decode_step_s=decode_step_s)
+                decode_step_s=decode_step_s, adapter_read_s=recent[len(recent) - (reads - reads0):],
+                steps_waiting_for_adapter=loop.counters["steps_waiting_for_adapter"] - waited0)
 
 
-def warmup_requests(workload: list[dict], count: int) -> list[dict]:
-    """The first `count` requests plus the first request of every adapter not among them (so that every adapter is
-    in its slot before timing), all at t=0 with at most 6 new tokens."""
+def warmup_requests(workload: list[dict], count: int, every_adapter: bool = True) -> list[dict]:
+    """The first `count` requests plus, if `every_adapter`, the first request of every adapter not among them (so that
+    every adapter is in its slot before timing), all at t=0 with at most 6 new tokens."""
     chosen = list(workload[:count])
-    for r in workload[count:]:
-        if r["adapter"] not in {c["adapter"] for c in chosen}:
+    seen = {c["adapter"] for c in chosen}
+    for r in workload[count:] if every_adapter else ():
+        if r["adapter"] not in seen:
             chosen.append(r)
+            seen.add(r["adapter"])
     return [dict(r, arrival_s=0.0, output_len=min(r["output_len"], 6)) for r in chosen]
 
 
@@ -136,11 +142,13 @@ def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict
     systems = list(specs)
     loops, probes = {}, {}
     for mode in dict.fromkeys(s["mode"] for s in specs.values() if s["mode"]):
-        # every adapter its systems serve stays resident in its own slot: no adapter loads while timing
+        # by default every adapter its systems serve stays resident in its own slot: no adapter loads while timing
         variants = list(dict.fromkeys(s["variant"] for s in specs.values() if s["mode"] == mode and s["variant"]))
         served = {n: adapter_dirs[n] for v in variants for n in names[v]}
+        per_variant = max(1, len(variants))
         config = ServingConfig(megatron_dir=Path(spec["megatron_dir"]), mode=mode, adapters=served,
-                               max_loras=spec["max_loras"] * max(1, len(variants)),
+                               max_loras=spec["max_loras"] * per_variant,
+                               max_cpu_loras=spec["max_cpu_loras"] and spec["max_cpu_loras"] * per_variant,
                                max_lora_rank=max([spec["ranks"][v] for v in variants], default=spec["adapter_rank"]),
                                **spec["engine"])
         loops[mode] = ServingLoop.create(config, info)
@@ -157,7 +165,7 @@ def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict
         return replay(loops[s["mode"]], probes[s["mode"]], info, requests, adapters, count, bar)
 
     lead = info.rank == 0
-    warm = warmup_requests(workload, spec["warmup"])
+    warm = warmup_requests(workload, spec["warmup"], every_adapter=spec["all_adapters_cached"])
     out: dict[str, dict] = {s: dict(repeats=[]) for s in systems}
     for s in systems:  # first-step costs, and the collectives of a decode-only step (untimed)
         result = run(s, warm, count=True)

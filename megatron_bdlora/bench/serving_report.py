@@ -59,6 +59,22 @@ def run_metrics(run: dict) -> dict:
     )
 
 
+def adapter_reads(repeats: list[dict]) -> dict | None:
+    """Adapter reads of our loop in the replays (rank 0): reads and loop steps in which a request waited for one
+    (medians over repeats, and each repeat's), read latency over all repeats' reads (a later repeat may find every
+    adapter it needs cached). None for a system that reads none itself (PEFT keeps every adapter in memory)."""
+    if "adapter_read_s" not in repeats[0]:
+        return None
+    reads_s = [t for r in repeats for t in r["adapter_read_s"]]
+    per_repeat = dict(reads=[len(r["adapter_read_s"]) for r in repeats],
+                      steps_waiting=[r["steps_waiting_for_adapter"] for r in repeats])
+    return {k: statistics.median(v) for k, v in per_repeat.items()} | dict(
+        read_ms_p50=1e3 * percentile(reads_s, 50) if reads_s else None,
+        read_ms_max=1e3 * max(reads_s) if reads_s else None,
+        per_repeat=per_repeat,
+    )
+
+
 def summarise_system(name: str, label: str, result: dict) -> dict:
     """Per-repeat metrics and their medians (the table's numbers); tokens of the first repeat."""
     per_repeat = [run_metrics(r) for r in result["repeats"]]
@@ -74,6 +90,7 @@ def summarise_system(name: str, label: str, result: dict) -> dict:
         per_repeat=per_repeat,
         decode_collectives=result.get("decode_collectives"),
         outputs_same_every_repeat=stable,
+        adapter_reads=adapter_reads(result["repeats"]),
         tokens=first,
         profile=result.get("profile"),
     )
@@ -133,7 +150,7 @@ def ratios(systems: dict[str, dict], specs: dict[str, dict], tp: int, max_num_se
 def format_systems(rows: list[dict]) -> str:
     """Fixed-width table of the systems (medians over repeats); pastes into Markdown as a code block."""
     head = ("system", "tokens", "wall s", "tok/s", "TTFT ms", "TTFT p50", "TPOT ms", "step p50 ms", "lat p50 s",
-            "lat p99 s", "steps", "coll/decode step")
+            "lat p99 s", "steps", "reads", "read p50 ms", "read max ms", "waited steps", "coll/decode step")
     body = []
     for r in rows:
         m = r["metrics"]
@@ -141,10 +158,20 @@ def format_systems(rows: list[dict]) -> str:
             r["label"], f"{m['output_tokens']:g}", f"{m['wall_s']:.2f}", f"{m['tokens_per_s']:.1f}",
             f"{m['ttft_ms_mean']:.0f}", f"{m['ttft_ms_p50']:.0f}", f"{m['tpot_ms_mean']:.1f}",
             f"{m['decode_step_ms_p50']:.1f}", f"{m['latency_s_p50']:.2f}", f"{m['latency_s_p99']:.2f}",
-            f"{m['engine_steps']:g}",
+            f"{m['engine_steps']:g}", *_reads_cells(r["adapter_reads"]),
             collectives_label(r["decode_collectives"]),
         ))
     return fixed_width_table(head, body)
+
+
+def _reads_cells(reads: dict | None) -> tuple[str, ...]:
+    """The table's adapter-read columns ('-' for a system that reads no adapter itself)."""
+    if reads is None:
+        return ("-",) * 4
+    latency = ("-", "-")
+    if reads["read_ms_p50"] is not None:
+        latency = (f"{reads['read_ms_p50']:.1f}", f"{reads['read_ms_max']:.1f}")
+    return (f"{reads['reads']:g}", *latency, f"{reads['steps_waiting']:g}")
 
 
 def format_ratios(rows: list[dict]) -> str:

@@ -84,8 +84,11 @@ class AdapterPool:
         self._last_used.pop(name)
         del self._paths[name]
 
-    def acquire(self, name: str) -> int | None:
-        """Pin the adapter in a device slot for a request about to start; None if every slot is pinned (retry)."""
+    def acquire(self, name: str, host: Any = None) -> int | None:
+        """Pin the adapter in a device slot for a request about to start; None if every slot is pinned (retry).
+
+        `host`: a host copy the caller read ahead (overlap loading), used if the cache has none, so that no read
+        happens here; without it an uncached adapter is read now, synchronously."""
         self._check(name)
         if name in self._slot_of:
             self._pin(name)
@@ -95,7 +98,7 @@ class AdapterPool:
             return None
         reload = name not in self._host
         if reload:  # dropped from the host cache earlier: load it again (may raise; nothing has changed yet)
-            host_obj = self._load_host(name, self._paths[name])
+            host_obj = self._load_host(name, self._paths[name]) if host is None else host
             self._counts["host_loads"] += 1
         else:
             host_obj = self._host[name]
@@ -123,6 +126,16 @@ class AdapterPool:
         if not self._pins[name]:
             del self._pins[name]
         self._touch(name)  # recency = last time it served a request (vLLM touches it every step it is active)
+
+    def cached(self, name: str) -> bool:
+        """Whether acquire() can place the adapter without reading it (resident or in the host cache)."""
+        self._check(name)
+        return name in self._host
+
+    def path(self, name: str) -> str:
+        """Where the adapter was registered from (what a read ahead of acquire() reads)."""
+        self._check(name)
+        return self._paths[name]
 
     def slot_of(self, name: str) -> int | None:
         """The device slot holding the adapter, or None if it is not resident."""

@@ -12,8 +12,13 @@ LoRA layer, so one forward serves every adapter of the batch with the sharding p
 What fails for one request fails that request alone (an 'error' event), on every rank alike: a sampling failure
 (the same on every rank, computed from the same state) or an adapter that can no longer be read. Each rank reads
 adapter files itself, so reading is the one place where ranks may disagree: after each read (registration, or a
-re-read of an adapter dropped from the host cache, which the replicated pool makes every rank do at the same
-step) the ranks agree with one all-reduce, and a name only ever serves the bytes it was registered with (sha256).
+re-read of an adapter dropped from the host cache) the ranks agree with one all-reduce, and a name only ever serves
+the bytes it was registered with (sha256).
+
+Re-reads happen off the engine's critical path (SGLang's overlap loading): a request whose adapter has no host copy
+asks each rank's background reader for one and waits, while requests for cached adapters are admitted and decoded
+as usual. Ranks finish reads at different times, so on each step with reads in flight (and only then) one small
+all-reduce(MIN) of every pending read's done/ok flags decides, alike on every rank, which copies are ready.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 
 GRAPH_MAX_BLOCKS = 8  # block-diagonal blocks per rank that CUDA-graph launches are sized for (checked at load)
 HEARTBEAT_S = 0.5  # an idle rank 0 still broadcasts this often, so followers never wait on a dead collective
+READ_POLL_S = 0.005  # with nothing to decode but adapter reads in flight, rank 0 steps this often (not a busy loop)
 
 
 # ---------------------------------------------------------------- messages from rank 0 to every rank
@@ -119,6 +125,87 @@ class _Live:
     done: bool = False
 
 
+@dataclass(frozen=True)
+class _ReadJob:
+    """Read one adapter's host copy in the background; a registered adapter must have its registered bytes."""
+
+    name: str
+    path: str
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class _ReadResult:
+    """One background read on this rank: the host copy, or why it could not be read."""
+
+    host: adapter_slots.HostAdapter | None
+    error: Exception | None
+
+
+class _ReadTimes:
+    """Latency of this rank's adapter reads: written by the reading threads, read by /metrics and the benchmark."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self.count, self.total, self.max = 0, 0.0, 0.0
+        self.recent: deque[float] = deque(maxlen=keep)  # for medians, without growing with the server's age
+
+    def record(self, seconds: float) -> None:
+        with self._lock:
+            self.count += 1
+            self.total += seconds
+            self.max = max(self.max, seconds)
+            self.recent.append(seconds)
+
+    def snapshot(self) -> tuple[int, float, float, list[float]]:
+        """(reads, seconds in all, longest, the recent latencies) at one instant."""
+        with self._lock:
+            return self.count, self.total, self.max, list(self.recent)
+
+
+class _HostReader:
+    """One background thread per rank reading adapter host copies, so that no engine step waits on a disk read.
+
+    Its results are this rank's alone: the loop uses one only once every rank has finished the same read."""
+
+    def __init__(self, read: Callable[[str, str, str | None], adapter_slots.HostAdapter]) -> None:
+        self._read = read
+        self._jobs: "queue.Queue[_ReadJob | None]" = queue.Queue()  # None: stop
+        self._results: dict[str, _ReadResult] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None  # started by the first read (most loops never re-read)
+
+    def submit(self, job: _ReadJob) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="adapter-reader", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def result(self, name: str) -> _ReadResult | None:
+        """The finished read of `name`, or None while it runs."""
+        with self._lock:
+            return self._results.get(name)
+
+    def forget(self, name: str) -> None:
+        """Drop a result once the ranks have agreed on it (the next read of the name starts afresh)."""
+        with self._lock:
+            del self._results[name]
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                result = _ReadResult(self._read(job.name, job.path, job.digest), None)
+            except Exception as err:  # any failure fails the adapter's requests; the thread must go on
+                log.warning("cannot read adapter %r from %s: %s", job.name, job.path, err)
+                result = _ReadResult(None, err)
+            with self._lock:
+                self._results[job.name] = result
+
+
 def _track_lora_slot() -> None:
     """Make `lora_slot` a tracked per-request engine field that survives eviction (megatron 0.16 drops added
     sampling attributes when it checkpoints an evicted request)."""
@@ -177,6 +264,8 @@ class ServingLoop:
         )
         self.samplers = RequestSamplers(self.hf_config["vocab_size"])
         self.engine.controller.samplers = self.samplers
+        self.read_times = _ReadTimes()  # this rank's own reads (registration, the check of a load, re-reads)
+        self._reader = _HostReader(self._read_host)
         # replicated state (identical on every rank)
         self.digests: dict[str, str] = {}  # adapter -> sha256 of the files every rank read when it was registered
         self.pool = AdapterPool(
@@ -189,6 +278,9 @@ class ServingLoop:
         for name, path in config.adapters.items():
             self.pool.register(name, str(path))  # every rank, agreed: a rank that cannot read one fails them all
         self.waiting: deque[GenerationRequest] = deque()  # admitted to the server, waiting for an adapter slot
+        self.reading: dict[str, str] = {}  # adapter -> path: background reads in flight on some rank, in request order
+        self.read_ahead: dict[str, adapter_slots.HostAdapter] = {}  # read on every rank, waiting for a slot
+        self.read_failures: dict[str, str] = {}  # adapter -> why some rank could not read it (its requests fail)
         self.adapter_of: dict[int, str | None] = {}  # requests in the engine -> adapter (to release)
         self.unloading: list[str] = []
         self.deferred_aborts: set[int] = set()  # cancelled during their chunked prefill
@@ -300,6 +392,7 @@ class ServingLoop:
         """Gauges and counters for /metrics."""
         ctx = self.engine.context
         pool = self.pool.stats()
+        reads, read_s, read_max, _ = self.read_times.snapshot()
         return {
             "running": float(ctx.total_request_count - ctx.paused_request_count),
             "paused": float(ctx.paused_request_count),
@@ -313,6 +406,11 @@ class ServingLoop:
             "adapter_evictions_total": float(pool["evictions"]),
             "adapters_resident": float(pool["resident"]),
             "engine_steps_total": float(self.step_count),
+            "adapter_reads_total": float(reads),
+            "adapter_read_seconds_total": read_s,
+            "adapter_read_seconds_max": read_max,
+            "adapter_reads_pending": float(len(self.reading)),
+            "steps_waiting_for_adapter_total": float(self.counters["steps_waiting_for_adapter"]),
         }
 
     def lora_info(self) -> dict[str, Any]:
@@ -394,15 +492,19 @@ class ServingLoop:
     def _read_host(self, name: str, path: str, expected_digest: str | None = None) -> adapter_slots.HostAdapter:
         """This rank's copy of an adapter, read from its files (no collective)."""
         c = self.config
-        return adapter_slots.load_host_adapter(
-            name, path, self.hf_config, self.info.tp_size, self.info.tp_rank, c.mode, c.max_lora_rank,
-            expected_digest=expected_digest,
-        )
+        start = time.perf_counter()
+        try:
+            return adapter_slots.load_host_adapter(
+                name, path, self.hf_config, self.info.tp_size, self.info.tp_rank, c.mode, c.max_lora_rank,
+                expected_digest=expected_digest,
+            )
+        finally:
+            self.read_times.record(time.perf_counter() - start)
 
     def _load_agreed(self, name: str, path: str) -> adapter_slots.HostAdapter:
-        """The pool's loader (registration, and re-reads of adapters dropped from the host cache): every rank reads
-        its own copy, then one all-reduce; if any rank failed, or the ranks read different bytes, every rank raises
-        AdapterReadError. A registered adapter's bytes must be those it was registered with."""
+        """The pool's loader, used at registration (re-reads go through the background reader, _collect_reads):
+        every rank reads its own copy, then one all-reduce; if any rank failed, or the ranks read different bytes,
+        every rank raises AdapterReadError. A registered adapter's bytes must be those it was registered with."""
         reread = name in self.pool.names()
         try:
             host, error = self._read_host(name, path, self.digests.get(name)), None
@@ -410,30 +512,85 @@ class ServingLoop:
             host, error = None, err
             log.warning("TP rank %d: cannot read adapter %r from %s: %s", self.info.tp_rank, name, path, err)
         failed_ranks, same_bytes = self._agree(None if host is None else host.digest)
+        refused = self._read_error(name, path, reread, error, failed_ranks, same_bytes)
+        if refused is not None:
+            raise refused
+        self.digests[name] = host.digest
+        return host
+
+    @staticmethod
+    def _read_error(
+        name: str, path: str, reread: bool, error: Exception | None, failed_ranks: list[int], same_bytes: bool = True
+    ) -> AdapterReadError | None:
+        """The error every rank reports for an adapter read the ranks agreed on (None: read alike everywhere);
+        a rank that failed itself says why, the others name the failed ranks."""
         if error is None and failed_ranks:
             error = AdapterReadError(f"TP rank(s) {failed_ranks} could not read it (see their logs)")
         elif error is None and not same_bytes:
             error = AdapterReadError(f"the TP ranks read different bytes from {path} (files changed while read)")
-        if error is not None:
-            what = "re-read" if reread else "read"
-            raise AdapterReadError(f"adapter {name!r} could not be {what} from {path}: {error}") from error
-        self.digests[name] = host.digest
-        return host
+        if error is None:
+            return None
+        what = "re-read" if reread else "read"
+        refused = AdapterReadError(f"adapter {name!r} could not be {what} from {path}: {error}")
+        refused.__cause__ = error
+        return refused
 
     def _agree(self, digest: str | None) -> tuple[list[int], bool]:
         """(TP ranks whose read failed, whether the others read the same bytes) from each rank's digest (None:
         failed): one all-reduce(MIN) of [ok per rank, digest bytes, -digest bytes], so min == -max per byte."""
         tp = self.info.tp_size
-        if tp == 1:
-            return ([] if digest is not None else [0]), True
-        ok = torch.ones(tp, dtype=torch.int64)
-        ok[self.info.tp_rank] = int(digest is not None)
         byte_values = torch.tensor(list(bytes.fromhex(digest or "00" * 32)), dtype=torch.int64)  # [32]
-        flags = torch.cat([ok, byte_values, -byte_values]).to(self.info.device)  # [tp + 64]
+        flags = self._min_over_ranks(torch.cat([self._ok_per_rank(digest is not None), byte_values, -byte_values]))
+        return self._zeros(flags[:tp]), bool((flags[tp : tp + 32] == -flags[tp + 32 :]).all())
+
+    def _ok_per_rank(self, ok: bool) -> torch.Tensor:
+        """[tp] ones, this rank's 0 if it failed: after a MIN over the ranks, the zeros are the failed ranks."""
+        flags = torch.ones(self.info.tp_size, dtype=torch.int64)
+        flags[self.info.tp_rank] = int(ok)
+        return flags
+
+    @staticmethod
+    def _zeros(flags: torch.Tensor) -> list[int]:
+        return [int(r) for r in (flags == 0).nonzero().flatten()]
+
+    def _min_over_ranks(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise minimum over the TP ranks: one all-reduce (none at TP=1)."""
+        if self.info.tp_size == 1:
+            return flags
+        flags = flags.to(self.info.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=parallel_state.get_tensor_model_parallel_group())
-        flags = flags.cpu()
-        failed = [r for r in range(tp) if flags[r] == 0]
-        return failed, bool((flags[tp : tp + 32] == -flags[tp + 32 :]).all())
+        return flags.cpu()
+
+    def _read_ahead(self, name: str) -> bool:
+        """Whether the adapter can take a slot without a read now; if not, its background read is asked for (once)."""
+        if self.pool.cached(name) or name in self.read_ahead:
+            return True
+        if name not in self.reading:
+            self.reading[name] = self.pool.path(name)
+            self._reader.submit(_ReadJob(name, self.reading[name], self.digests.get(name)))
+        return False
+
+    def _collect_reads(self) -> None:
+        """Agree on the background reads every rank has finished: one all-reduce(MIN) of [done, ok per rank] per
+        read in flight, in request order (the same on every rank). A read done everywhere gives a host copy for
+        its waiting requests, or, if any rank failed, an error for them on every rank."""
+        if not self.reading:
+            return
+        names = list(self.reading)
+        results = [self._reader.result(n) for n in names]
+        mine = [torch.cat([torch.tensor([int(r is not None)]), self._ok_per_rank(r is None or r.host is not None)])
+                for r in results]
+        flags = self._min_over_ranks(torch.stack(mine))  # [reads, 1 + tp]
+        for name, result, row in zip(names, results, flags):
+            if not row[0]:
+                continue  # still reading on some rank
+            path = self.reading.pop(name)
+            self._reader.forget(name)
+            refused = self._read_error(name, path, True, result.error, self._zeros(row[1:]))
+            if refused is None:
+                self.read_ahead[name] = result.host
+            else:
+                self.read_failures[name] = str(refused)
 
     # ---------------------------------------------------------------- every rank: one step
     def step(self, wait: bool = False) -> None:
@@ -449,20 +606,28 @@ class ServingLoop:
                 self._abort_in_engine(rid)
             else:
                 self.deferred_aborts.discard(rid)
-        self._admit()
-        if self.engine.has_unfinished_requests():
-            self._engine_step()
+        self._advance()
         self._retire_unloads()
         self.step_count += 1
         self.last_step_at = time.monotonic()
 
+    def _advance(self) -> None:
+        """Agree on finished adapter reads, admit what can start, run one engine step: the same on every rank."""
+        self._collect_reads()
+        self._admit()
+        if self.engine.has_unfinished_requests():
+            self._engine_step()
+
     def _collect(self, wait: bool) -> list[Message]:
-        """Rank 0: everything that arrived since the last step (waits up to a heartbeat when idle)."""
+        """Rank 0: everything that arrived since the last step (waits up to a heartbeat when idle, a moment when
+        only adapter reads are in flight)."""
         items = []
-        idle = not self.engine.has_unfinished_requests() and not self.waiting and not self.unloading
-        if wait and idle:
+        busy = self.engine.has_unfinished_requests()
+        idle = not busy and not self.waiting and not self.unloading
+        timeout = HEARTBEAT_S if idle else READ_POLL_S if not busy and self.reading else 0.0
+        if wait and timeout:
             try:
-                items.append(self._inbox.get(timeout=HEARTBEAT_S))
+                items.append(self._inbox.get(timeout=timeout))
             except queue.Empty:
                 pass
         while True:
@@ -513,16 +678,17 @@ class ServingLoop:
             for rid in list(self.adapter_of) + [r.request_id for r in self.waiting]:
                 self._cancel(rid, "abort")
         while self.engine.has_unfinished_requests() or self.waiting:
-            self._admit()
-            if self.engine.has_unfinished_requests():
-                self._engine_step()
+            self._advance()
+            if self.reading and not self.engine.has_unfinished_requests():
+                time.sleep(READ_POLL_S)  # only reads left to wait for
             self.last_step_at = time.monotonic()
+        self._reader.close()
 
     def _admit(self) -> None:
         """Move waiting requests into the engine as their adapters get slots (FIFO per adapter; a request whose
-        adapter cannot get a slot now waits without blocking requests for resident adapters)."""
+        adapter cannot get a slot now, or is being read, waits without blocking requests for cached adapters)."""
         blocked: set[str] = set()
-        unreadable: dict[str, str] = {}  # adapter -> why it could not be read again (this step)
+        unreadable, self.read_failures = self.read_failures, {}
         still = deque()
         for req in self.waiting:
             slot = -1
@@ -530,14 +696,8 @@ class ServingLoop:
                 self._end_waiting(req, "error", unreadable[req.adapter])
                 continue
             if req.adapter is not None:
-                try:
-                    slot = None if req.adapter in blocked else self.pool.acquire(req.adapter)
-                except AdapterReadError as err:  # raised on every rank alike; the pool is unchanged
-                    unreadable[req.adapter] = str(err)
-                    self._end_waiting(req, "error", str(err))
-                    continue
+                slot = self._slot_for(req.adapter, blocked)
                 if slot is None:
-                    blocked.add(req.adapter)
                     still.append(req)
                     continue
             p = req.params
@@ -557,6 +717,20 @@ class ServingLoop:
             self.adapter_of[req.request_id] = req.adapter
             self.engine.add_request(req.request_id, list(req.prompt_ids), sp)
         self.waiting = still
+        wanted = {r.adapter for r in still}
+        self.read_ahead = {n: h for n, h in self.read_ahead.items() if n in wanted}  # their requests were cancelled
+        self.counters["steps_waiting_for_adapter"] += any(a in self.reading for a in wanted)
+
+    def _slot_for(self, name: str, blocked: set[str]) -> int | None:
+        """A slot pinned for the adapter, or None (added to `blocked`) while no slot is free or it is being read."""
+        slot = None
+        if name not in blocked and self._read_ahead(name):
+            slot = self.pool.acquire(name, host=self.read_ahead.get(name))
+        if slot is None:
+            blocked.add(name)
+        else:
+            self.read_ahead.pop(name, None)  # in the pool's host cache now
+        return slot
 
     def _engine_step(self) -> None:
         if self.count_collectives:
@@ -639,7 +813,9 @@ class ServingLoop:
 
     def _retire_unloads(self) -> None:
         for name in list(self.unloading):
-            if self.pool.pinned(name) == 0 and all(r.adapter != name for r in self.waiting):
+            idle = self.pool.pinned(name) == 0 and name not in self.reading
+            if idle and all(r.adapter != name for r in self.waiting):
+                self.read_ahead.pop(name, None)
                 self.pool.unregister(name)
                 self.digests.pop(name, None)
                 self.unloading.remove(name)

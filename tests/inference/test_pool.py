@@ -161,6 +161,29 @@ def test_host_cache_drops_lru_non_resident_entry_and_reloads_it_on_demand():
     assert fakes.calls[-2] == ("load", "c", "/adapters/c")
 
 
+def test_acquire_with_a_host_copy_read_ahead_places_it_without_reading():
+    """Overlap loading: the serving loop reads an uncached adapter in the background and hands the copy in."""
+    fakes = Fakes()
+    pool = make_pool(1, 2, fakes, "abc")  # a was dropped from the host cache when c was registered
+    assert [pool.cached(n) for n in "abc"] == [False, True, True]
+    calls = list(fakes.calls)
+    read_ahead = ("host", "a", "prefetched")
+    assert pool.acquire("a", host=read_ahead) == 0
+    assert fakes.calls == calls + [("write", 0, "a")] and fakes.device[0] is read_ahead  # no load_host call
+    assert pool.cached("a") and pool.stats()["host_loads"] == 4 and pool.stats()["host_cached"] == 2
+    pool.release("a")
+    assert pool.cached("c") and not pool.cached("b")  # b, the LRU entry, made room for a
+    assert pool.acquire("c", host=("host", "c", "ignored")) == 0  # cached: the cache's own copy is used
+    assert fakes.device[0] == ("host", "c", 3)
+
+
+def test_registering_many_adapters_keeps_at_most_max_cpu_loras_host_copies():
+    fakes = Fakes()
+    pool = make_pool(2, 3, fakes, "abcdefghij")
+    assert pool.stats()["host_cached"] == 3 and [n for n in pool.names() if pool.cached(n)] == ["h", "i", "j"]
+    assert sum(c[0] == "load" for c in fakes.calls) == 10  # each read once, to validate it
+
+
 def test_register_drops_host_copy_when_every_cached_adapter_is_resident():
     fakes = Fakes()
     pool = make_pool(1, 1, fakes, "a")
