@@ -151,16 +151,19 @@ class ExpandSlice:
 class DenseFactors:
     """A layer's adapters in the slots a step uses, as two dense matrices (the torch path of decode-sized steps).
 
-    a_t [in, rows]: every used slot's A rows of every sub-projection (block-diagonal factors made dense); b [rows,
-    out]: the matching B rows, scaled, placed at their output columns (fused layout). row_slots: the slot of each
-    row. `sources` are the views the matrices were built from: loads replace views, so a cache entry is current
-    while its sources are the layer's views (compared by identity) and the step uses the same slots.
+    a_t [in, rows]: every used slot's A rows of every sub-projection, sub-projection by sub-projection
+    (block-diagonal factors made dense). parts: (first row, end row, first column, end column, B rows scaled
+    [rows, columns]) - the B rows of those rows and the output columns they write: a sub-projection of contiguous
+    output columns is a part of its own width; adjacent ones interleaved in the fused layout (q/k/v per query group)
+    share one part of the whole output width. row_slots: the slot of each row. `sources` are the views the matrices
+    were built from: loads replace views, so a cache entry is current while its sources are the layer's views
+    (compared by identity) and the step uses the same slots.
     """
 
     slots: tuple[int, ...]
     sources: tuple[SlotViews, ...]
     a_t: torch.Tensor
-    b: torch.Tensor
+    parts: tuple[tuple[int, int, int, int, torch.Tensor], ...]
     row_slots: tuple[int, ...]
 
     def current(self, slots: tuple[int, ...], sources: Sequence[SlotViews]) -> bool:

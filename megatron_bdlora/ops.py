@@ -194,33 +194,48 @@ def dense_factors(
 ) -> DenseFactors:
     """The step's used slots of P sub-projections as DenseFactors: a_slices[p] = (A stack, views), expand[p] its B.
 
-    A slot's rows are a rank-space: its A rows, and the B columns reading them, times its scaling; a row of B
-    lands at its sub-projection's columns of the fused output (OutputLayout), so one matmul writes every slice.
+    A slot's rows are a rank-space: its A rows, and the B columns reading them, times its scaling; B rows land at
+    their sub-projection's columns of the fused output (OutputLayout).
     """
-    like = a_slices[0][0]
-    a_rows, b_rows, row_slots = [like.new_zeros(0, in_width)], [like.new_zeros(0, out_width)], []
-    for slot in slots:
-        for (a_stack, a_views), sl in zip(a_slices, expand, strict=True):
+    a_rows, row_slots, parts = [a_slices[0][0].new_zeros(0, in_width)], [], []
+    for (a_stack, a_views), sl in zip(a_slices, expand, strict=True):
+        a_p, b_p = [], []
+        for slot in slots:
             va, vb = a_views[slot], sl.views[slot]
             if va is None:
                 continue
-            a = _dense(a_stack[slot, : va.rows, : va.cols], va.blocks)  # [r, in]
-            b = _dense(sl.weight[slot, : vb.rows, : vb.cols], vb.blocks) * sl.scalings[slot].to(a.dtype)  # [D, r]
-            placed = a.new_zeros(a.shape[0], out_width)  # [r, out]
-            columns = sl.layout.columns(b.shape[0], device=a.device)
-            placed[:, columns] = b.t()
-            a_rows.append(a)
-            b_rows.append(placed)
-            row_slots += [slot] * a.shape[0]
+            a_p.append(_dense(a_stack[slot, : va.rows, : va.cols], va.blocks))  # [r, in]
+            b = _dense(sl.weight[slot, : vb.rows, : vb.cols], vb.blocks)  # [D, r]
+            b_p.append((b * sl.scalings[slot].to(b.dtype)).t())  # [r, D]
+            row_slots += [slot] * va.rows
+        if not a_p:
+            continue
+        first = len(row_slots) - sum(a.shape[0] for a in a_p)
+        bt = torch.cat(b_p)  # [rows of this sub-projection, D]
+        a_rows += a_p
+        width, layout = bt.shape[1], sl.layout
+        if layout.group_width == width:  # one group: its columns are one contiguous range
+            parts.append((first, len(row_slots), layout.offset, layout.offset + width, bt))
+            continue
+        placed = bt.new_zeros(bt.shape[0], out_width)  # interleaved: placed in the whole output row
+        placed[:, layout.columns(width, device=bt.device)] = bt
+        if parts and parts[-1][1] == first and parts[-1][3] - parts[-1][2] == out_width:  # join the previous one
+            r0, *_, previous = parts.pop()
+            placed = torch.cat([previous, placed])
+            first = r0
+        parts.append((first, len(row_slots), 0, out_width, placed))
     sources = tuple(v for (_, a_views), sl in zip(a_slices, expand) for v in (a_views, sl.views))
-    return DenseFactors(slots, sources, torch.cat(a_rows).t().contiguous(), torch.cat(b_rows), tuple(row_slots))
+    return DenseFactors(slots, sources, torch.cat(a_rows).t().contiguous(), tuple(parts), tuple(row_slots))
 
 
 def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors, batch: SlotBatch) -> torch.Tensor:
     """out += ((x A^T) * M) B in place, M the [tokens, rows] mask of each token's own slot: every token gets its own
-    adapter's output (tokens without one get exact zeros), in token order, with no gather or scatter."""
+    adapter's output (tokens without one get exact zeros), in token order, with no gather or scatter; one addmm per
+    part of the output (DenseFactors.parts)."""
     z = torch.mm(x, factors.a_t).mul_(batch.slot_mask(factors.row_slots, x.dtype))  # [n, rows]
-    return out.addmm_(z, factors.b)
+    for r0, r1, c0, c1, b in factors.parts:
+        out[:, c0:c1].addmm_(z[:, r0:r1], b)
+    return out
 
 
 def _dense(packed: torch.Tensor, blocks: int) -> torch.Tensor:
