@@ -3,6 +3,7 @@ layer kind, fp32 and fp16) passes and lands in its JSON; a kernel that drops the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -35,7 +36,11 @@ def test_run_checks_every_mode_and_writes_json(bench, tmp_path):
 def test_checks_catch_a_wrong_scaling(bench, monkeypatch):
     from megatron_bdlora import kernels
 
-    real = kernels.expand
-    monkeypatch.setattr(kernels, "expand", lambda z, w, v, s, *a, **k: real(z, w, v, s * 1.01, *a, **k))
+    real = kernels.expand_packed
+
+    def off_by_one_percent(z, slices, *args, **kwargs):
+        return real(z, [dataclasses.replace(sl, scalings=sl.scalings * 1.01) for sl in slices], *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "expand_packed", off_by_one_percent)
     rows = bench.check("cpu" if not torch.cuda.is_available() else "cuda", [torch.float32], 64)
     assert not any(r["ok"] for r in rows)
