@@ -364,7 +364,7 @@ class LoRAParallelLinear:
     def _dense_factors(self, batch: SlotBatch, in_width: int, out_width: int) -> DenseFactors:
         """This step's used slots as DenseFactors, rebuilt only when they or an adapter changed (decode keeps both
         for many steps)."""
-        slots = tuple(sorted(slot for slot, _, _ in batch.segments))
+        slots = batch.used_slots
         sources = [v for ad in self.lora_adapters for v in (ad.a_views, ad.b_views)]
         if self._dense is None or not self._dense.current(slots, sources):
             a_slices = [(ad.lora_A, ad.a_views) for ad in self.lora_adapters]

@@ -244,6 +244,13 @@ class SlotBatch:
         return self.order.is_cuda or bool(self.segments)
 
     @property
+    def used_slots(self) -> tuple[int, ...]:
+        """The slots with tokens this step, ascending (host)."""
+        if "used_slots" not in self._cache:
+            self._cache["used_slots"] = tuple(sorted(slot for slot, _, _ in self.segments))
+        return self._cache["used_slots"]
+
+    @property
     def first_adapter_row(self) -> int:
         """Rows of the slot order before this one have no adapter (host; the torch path computes only the rest)."""
         return self.segments[0][1] if self.segments else self.num_tokens

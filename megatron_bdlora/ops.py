@@ -39,6 +39,7 @@ from megatron_bdlora.lora_batch import (
     SlotBatch,
     SlotViews,
 )
+from megatron_bdlora.sharding import packed_to_block_diagonal
 
 # torch path: up to this many tokens, adjacent slots with one view run as one grouped matmul (decode); longer runs
 # (prefill) one matmul per slot, where the per-call cost is small next to the arithmetic
@@ -204,8 +205,8 @@ def dense_factors(
             va, vb = a_views[slot], sl.views[slot]
             if va is None:
                 continue
-            a_p.append(_dense(a_stack[slot, : va.rows, : va.cols], va.blocks))  # [r, in]
-            b = _dense(sl.weight[slot, : vb.rows, : vb.cols], vb.blocks)  # [D, r]
+            a_p.append(packed_to_block_diagonal(a_stack[slot, : va.rows, : va.cols], va.blocks))  # [r, in]
+            b = packed_to_block_diagonal(sl.weight[slot, : vb.rows, : vb.cols], vb.blocks)  # [D, r]
             b_p.append((b * sl.scalings[slot].to(b.dtype)).t())  # [r, D]
             row_slots += [slot] * va.rows
         if not a_p:
@@ -236,13 +237,6 @@ def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors,
     for r0, r1, c0, c1, b in factors.parts:
         out[:, c0:c1].addmm_(z[:, r0:r1], b)
     return out
-
-
-def _dense(packed: torch.Tensor, blocks: int) -> torch.Tensor:
-    """A packed block-diagonal factor [out, in / blocks] as the dense [out, in] matrix."""
-    if blocks == 1:
-        return packed
-    return torch.block_diag(*packed.reshape(blocks, packed.shape[0] // blocks, packed.shape[1]))
 
 
 def _slot_views(views: Sequence[FactorView | None]) -> SlotViews:

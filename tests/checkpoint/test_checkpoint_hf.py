@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 from peft_reference import ATTENTION_GAIN, LLAMA3_ROPE_LLAMA, LLAMA3_ROPE_SEQ, make_random_llama
 from safetensors.torch import load_file, save_file
+from tool_module import load_tool
 
 from megatron_bdlora.checkpoint.base_model import ensure_base_model
 from megatron_bdlora.checkpoint.hf import (
@@ -38,10 +38,7 @@ TINY = dict(
 
 def _tool(name: str):
     """A CLI module from tools/ (not a package), imported by path so its main() runs in-process."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def _hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -4,22 +4,16 @@ layer kind, fp32 and fp16) passes and lands in its JSON; a kernel that drops the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from tool_module import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "tools" / "bench_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_kernels")
 
 
 def test_run_checks_every_mode_and_writes_json(bench, tmp_path):

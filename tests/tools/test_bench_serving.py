@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_module import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "bench_serving.py"
@@ -178,11 +179,7 @@ def test_paper_ranks_serve_lora_in_both_modes_identically_and_bd_at_2r_4r_and_ma
 
 
 def test_model_shape_gives_the_llama_widths():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_serving_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("bench_serving")
     args = module.parse_args(["--tp", "2", "--model-shape", "llama-3.1-70b"])
     assert (args.model, args.hidden, args.intermediate, args.heads, args.kv_heads, args.layers) == (
         "random", 8192, 28672, 64, 8, 2)  # the 70B config.json; 2 layers unless --layers says otherwise

@@ -5,16 +5,15 @@ by hand, with its output in docs/machine_tp*.json, not in the suite.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
+from tool_module import load_tool
 
 from megatron_bdlora.config import LoRASettings
 
-ROOT = Path(__file__).resolve().parents[2]
 D, FFN, HEADS, KV, LAYERS = 64, 96, 8, 4, 3
 CONFIG = dict(
     hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS, num_key_value_heads=KV, num_hidden_layers=LAYERS
@@ -173,10 +172,7 @@ def test_trivial_predictors_are_the_constant_one_and_the_no_adapter_step_scaled_
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("cost_model_cli", ROOT / "tools" / "cost_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("cost_model")
 
 
 def _validate(cli, tmp_path: Path, benches: list[dict]) -> dict:

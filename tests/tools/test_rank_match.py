@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tool_module import load_tool
 
 from megatron_bdlora.param_count import BUILTIN_CONFIGS, comparison_rows, count_parameters, match_bd_rank
 
@@ -158,9 +158,7 @@ def test_cli_json_from_hf_config_file(tmp_path):
 def test_cli_bad_input_exits_nonzero_with_message_and_no_traceback(tmp_path, args, message, capsys):
     """main() in this process (the CLI runs above cover the process exit): bad input ends in argparse's exit 2 with
     the message, never another exception (which the CLI would print as a traceback)."""
-    spec = importlib.util.spec_from_file_location("rank_match_cli", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("rank_match")
     bad_json = tmp_path / "config.json"
     bad_json.write_text("{not json")
     with pytest.raises(SystemExit) as exc:

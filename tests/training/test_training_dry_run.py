@@ -5,7 +5,6 @@ numbers that agree with param_count, the rank-match tool, the sharding table and
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_module import load_tool
 
 from megatron_bdlora.config import COLUMN_TARGETS
 from megatron_bdlora.param_count import BUILTIN_CONFIGS, count_parameters
@@ -36,9 +36,7 @@ def dry_run_json(config: Path, *extra: str) -> dict:
 
 def rank_match_rows(model: str, nblocks: int, lora_rank: int) -> list[dict]:
     """tools/rank_match.py --json, run in-process."""
-    spec = importlib.util.spec_from_file_location("rank_match", ROOT / "tools" / "rank_match.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("rank_match")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         module.main(["--model", model, "--nblocks", str(nblocks), "--rank", str(lora_rank), "--json"])
