@@ -44,6 +44,17 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # stop strings: output ends before the first occurrence
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the output (EOS always does unless ignore_eos)
     ignore_eos: bool = False
+    # issue 24: log-probabilities and sampling controls (OpenAI / vLLM meanings; defaults = off)
+    logprobs: int | None = None  # None: none; k >= 0: each generated token's logprob and its top-k alternatives
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob (the first one None) + top-k
+    presence_penalty: float = 0.0  # OpenAI: minus this from the logits of tokens generated at least once
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the count of each generated token
+    repetition_penalty: float = 1.0  # vLLM / transformers: over prompt + generated tokens (1 = off)
+    min_tokens: int = 0  # EOS and stop ids are not sampled before this many generated tokens
+    min_p: float = 0.0  # drop tokens with probability < min_p * the top probability (0 = off)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    include_stop_str_in_output: bool = False  # vLLM: keep the stop string that ended the text
+    skip_special_tokens: bool = True  # vLLM: leave special tokens out of the text
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +94,16 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probability: the chosen (or prompt) token's, and the top alternatives, most likely first
+    (from the same logits the engine samples from, after the adapter and before penalties and temperature)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), descending; as many as the request asked
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """What one engine step produced for one request (rank 0 only).
 
@@ -100,3 +121,6 @@ class TokenEvent:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # visible tokens so far, including these
+    logprobs: tuple[TokenLogprob, ...] = ()  # with params.logprobs: one per token of `token_ids`, in order
+    # with params.prompt_logprobs, on the request's first event only: one per prompt token, the first None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

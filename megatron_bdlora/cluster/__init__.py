@@ -1,0 +1,1 @@
+"""Many server replicas on Ray Serve (issue 25)."""
