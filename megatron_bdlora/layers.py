@@ -401,7 +401,13 @@ class LoRAParallelLinear:
         return self
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # `input`: megatron's signature
-        base = super()._forward_impl(input, weight, *args, **kwargs)
+        if torch.is_grad_enabled() or args or kwargs.get("sequence_parallel"):
+            base = super()._forward_impl(input, weight, *args, **kwargs)
+        else:  # inference: megatron's frozen-weight matmul without its autograd Function (and, in megatron-core
+            # 0.16, a deprecation warning per row-parallel call: RowParallelLinear passes tp_group=None)
+            base = torch.matmul(input, weight.t())
+            if kwargs.get("bias") is not None:
+                base = base + kwargs["bias"]
         if self.lora_merged or not self.lora_enabled:
             return base
         if self.lora_slots is None:

@@ -174,9 +174,9 @@ class _DecodePlan:
     """What every layer's single-query attention reads the same way within one step (built once per step)."""
 
     tokens: Tensor  # [r] packed token of each single-query request
-    blocks: Tensor  # [r, n] its cache blocks (-1 entries clamped to 0; masked)
+    blocks: Tensor  # [r * n] its cache blocks, request by request (-1 entries clamped to 0; hidden)
     visible: Tensor  # [r, n*bs] cache slots it sees
-    hidden: Tensor  # [r, n*bs, 1, 1] the slots it does not (zeroed: never-written slots may hold NaN)
+    hidden: Tensor  # [slots] the others, as rows of the gathered [r * n*bs] slots (zeroed: may hold NaN)
     prefill: tuple[int, ...]  # requests with more than one query (one loop iteration each)
 
 
@@ -197,10 +197,23 @@ def _step_plan(cu_seqlens_q: Tensor, seqlens_k: Tensor, block_table: Tensor, blo
     lens = seqlens_k[single].long()  # [r]
     n_blocks = math.ceil(int(lens.max()) / block_size) if single.numel() else 0
     visible = torch.arange(n_blocks * block_size) < lens[:, None]  # [r, n*bs] the query is last: sees all L
-    plan = _DecodePlan(cu_seqlens_q[single].long(), block_table[single, :n_blocks].clamp(min=0), visible,
-                       ~visible[:, :, None, None], tuple(torch.nonzero(q_lens > 1).squeeze(1).tolist()))
+    plan = _DecodePlan(cu_seqlens_q[single].long(), block_table[single, :n_blocks].clamp(min=0).reshape(-1).long(),
+                       visible, torch.nonzero(~visible.reshape(-1)).squeeze(1),
+                       tuple(torch.nonzero(q_lens > 1).squeeze(1).tolist()))
     _plan_cache[:] = [(tuple(t.clone() for t in metadata), block_size), plan]
     return plan
+
+
+def _gather_visible(cache: Tensor, plan: _DecodePlan) -> Tensor:
+    """The single-query requests' cache pages as [r, Hkv, n*bs, D], slots they do not see zeroed.
+
+    Slots past L may never have been written (torch.empty: NaN, inf) or hold a finished request's values, and
+    SDPA's 0 weight * NaN is NaN, so they are zeroed in the copy (never multiplied). index_select + index_fill_ on
+    rows: about 5x faster on CPU than advanced indexing + a broadcast masked_fill_ (two of each per layer)."""
+    _, bs, heads, dim = cache.shape
+    r = plan.visible.shape[0]
+    rows = cache.index_select(0, plan.blocks).view(r * plan.visible.shape[1], heads * dim)  # [r*n*bs, Hkv*D]
+    return rows.index_fill_(0, plan.hidden, 0).view(r, -1, heads, dim).transpose(1, 2)
 
 
 def paged_attention(
@@ -236,10 +249,7 @@ def paged_attention(
     plan = _step_plan(cu_seqlens_q, seqlens_k, block_table, block_size)
 
     if plan.tokens.numel():
-        # slots past L may never have been written (torch.empty: NaN, inf); zeroed in the gathered copy, as SDPA's
-        # 0 weight * NaN is NaN
-        keys = k[plan.blocks].flatten(1, 2).masked_fill_(plan.hidden, 0).transpose(1, 2)  # [r, Hkv, n*bs, D]
-        values = v[plan.blocks].flatten(1, 2).masked_fill_(plan.hidden, 0).transpose(1, 2)  # [r, Hkv, n*bs, D]
+        keys, values = (_gather_visible(cache, plan) for cache in (k, v))  # [r, Hkv, n*bs, D] each
         attended = F.scaled_dot_product_attention(
             q[plan.tokens].unsqueeze(2),  # [r, Hq, 1, D]
             keys,
@@ -254,8 +264,8 @@ def paged_attention(
         start, length = int(cu_seqlens_q[i]), int(seqlens_k[i])
         lq = int(cu_seqlens_q[i + 1]) - start
         blocks = block_table[i, : math.ceil(length / block_size)]  # [n]
-        keys = k[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [n, bs, Hkv, D] -> [Hkv, L, D]
-        values = v[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
+        keys = k.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)  # [n, bs, Hkv, D] -> [Hkv, L, D]
+        values = v.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
         positions = torch.arange(length - lq, length)  # [lq] behind the cached prefix
         causal = torch.arange(length)[None, :] <= positions[:, None]  # [lq, L]
         attended = F.scaled_dot_product_attention(
