@@ -170,7 +170,10 @@ class LoRAAdapter(nn.Module):
         self.lora_B[slot].zero_()
         self._set_views(slot, (None, None))
 
+    writes = 0  # slot writes in this process (any adapter): cached per-step forms of the slots are current while equal
+
     def _set_views(self, slot: int, views: tuple[FactorView | None, FactorView | None]) -> None:
+        LoRAAdapter.writes += 1
         self.a_views = self.a_views.replace(slot, views[0])
         self.b_views = self.b_views.replace(slot, views[1])
         self.a_table[slot] = self.a_views.table()[slot]  # in place: the address a captured graph reads
@@ -272,7 +275,7 @@ class LoRAParallelLinear:
             raise ValueError(f"{spec.layer_name}: none of {[n for n, _ in spec.projections]} is a LoRA target")
         self.lora_adapters = tuple(self.lora.values())  # (in the fused order; the serving path reads it per forward)
         self._lora_a_packed: tuple[torch.Tensor | None, list[int]] = (None, [])  # see packed_lora_a
-        self._dense: DenseFactors | None = None  # serving, decode-sized steps: see _dense_factors
+        self._dense: tuple[tuple, DenseFactors] | None = None  # serving, decode-sized steps: see _dense_factors
         self.lora_layouts = self._output_layouts()
         if spec.slots > 1 and len(self.lora_adapters) > 1:  # a serving layer: packed from the start (see packed_lora_a)
             self._tie_lora_a()
@@ -362,14 +365,13 @@ class LoRAParallelLinear:
                 for name, ad in self.lora.items()]
 
     def _dense_factors(self, batch: SlotBatch, in_width: int, out_width: int) -> DenseFactors:
-        """This step's used slots as DenseFactors, rebuilt only when they or an adapter changed (decode keeps both
-        for many steps)."""
-        slots = batch.used_slots
-        sources = [v for ad in self.lora_adapters for v in (ad.a_views, ad.b_views)]
-        if self._dense is None or not self._dense.current(slots, sources):
+        """This step's used slots as DenseFactors, rebuilt only when they changed or a slot was written since (decode
+        keeps both for many steps; the check is two comparisons per layer)."""
+        key = (batch.used_slots, LoRAAdapter.writes)
+        if self._dense is None or self._dense[0] != key:
             a_slices = [(ad.lora_A, ad.a_views) for ad in self.lora_adapters]
-            self._dense = dense_factors(a_slices, self._expand_slices(), slots, in_width, out_width)
-        return self._dense
+            self._dense = key, dense_factors(a_slices, self._expand_slices(), key[0], in_width, out_width)
+        return self._dense[1]
 
     def packed_lora_a(self) -> torch.Tensor:
         """[slots, P * R, C]: the P adapters' A stacks in one storage, rank rows interleaved (row j of adapter p at

@@ -155,19 +155,12 @@ class DenseFactors:
     (block-diagonal factors made dense). parts: (first row, end row, first column, end column, B rows scaled
     [rows, columns]) - the B rows of those rows and the output columns they write: a sub-projection of contiguous
     output columns is a part of its own width; adjacent ones interleaved in the fused layout (q/k/v per query group)
-    share one part of the whole output width. row_slots: the slot of each row. `sources` are the views the matrices
-    were built from: loads replace views, so a cache entry is current while its sources are the layer's views
-    (compared by identity) and the step uses the same slots.
+    share one part of the whole output width. row_slots: the slot of each row.
     """
 
-    slots: tuple[int, ...]
-    sources: tuple[SlotViews, ...]
     a_t: torch.Tensor
     parts: tuple[tuple[int, int, int, int, torch.Tensor], ...]
     row_slots: tuple[int, ...]
-
-    def current(self, slots: tuple[int, ...], sources: Sequence[SlotViews]) -> bool:
-        return self.slots == slots and all(a is b for a, b in zip(self.sources, sources, strict=True))
 
 
 @dataclass(frozen=True)

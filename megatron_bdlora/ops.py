@@ -225,8 +225,7 @@ def dense_factors(
             placed = torch.cat([previous, placed])
             first = r0
         parts.append((first, len(row_slots), 0, out_width, placed))
-    sources = tuple(v for (_, a_views), sl in zip(a_slices, expand) for v in (a_views, sl.views))
-    return DenseFactors(slots, sources, torch.cat(a_rows).t().contiguous(), tuple(parts), tuple(row_slots))
+    return DenseFactors(torch.cat(a_rows).t().contiguous(), tuple(parts), tuple(row_slots))
 
 
 def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors, batch: SlotBatch) -> torch.Tensor:
