@@ -6,7 +6,8 @@
       [--api-key KEY] [--enable-lora-runtime-updating] [--lora-root DIR ...] [--max-queued-requests Q]
 
 TP is the world size. Rank 0 answers HTTP (vLLM's routes: /v1/completions, /v1/chat/completions, /v1/models,
-/v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics) and schedules the engine; the other ranks step
+/v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, /detokenize, /version, /health, /metrics) and schedules
+the engine; the other ranks step
 in lockstep with it. Every flag is also a key of the --config YAML (max_loras for --max-loras; `adapters` is a
 mapping NAME: DIR); flags override the YAML, --adapter adds to its adapters. Arguments are checked before any
 process group exists: a bad one exits 2 with one `error: ...` line. SIGTERM/SIGINT on rank 0 stops accepting
@@ -15,7 +16,8 @@ If the engine dies (e.g. a TP rank failed), rank 0 exits 1 at once instead of an
 finishing steps (a rank hung in a collective), /health answers 503 after --engine-step-timeout and every rank exits
 non-zero after --engine-dead-timeout.
 
-Exposing it: --api-key (or $MEGATRON_BDLORA_API_KEY) guards every /v1/* route (/health and /metrics stay open);
+Exposing it: --api-key (or $MEGATRON_BDLORA_API_KEY) guards every /v1/* route and /tokenize, /detokenize (/health,
+/metrics and /version stay open);
 runtime adapter loading is off unless --enable-lora-runtime-updating, and --lora-root limits it to directories
 under the given roots; bodies, stop sequences and requests in flight are bounded (413 / 400 / 429).
 """
@@ -142,7 +144,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def _flag(key: str) -> str:
+def flag(key: str) -> str:
+    """The command-line flag of a config key (max_loras -> --max-loras); serve_cluster shares the rule."""
     return "--" + key.replace("_", "-")
 
 
@@ -161,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "for; repeat for more")
             continue
         if f.name == "enable_lora_runtime_updating":
-            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=f.metadata["help"])
+            p.add_argument(flag(f.name), dest=f.name, action="store_true", help=f.metadata["help"])
             continue
         if f.name == "lora_root":
-            p.add_argument(_flag(f.name), dest=f.name, action="append", metavar="DIR", help=f.metadata["help"])
+            p.add_argument(flag(f.name), dest=f.name, action="append", metavar="DIR", help=f.metadata["help"])
             continue
         kind = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         choices = {"mode": MODES, "dtype": DTYPES, "cuda_graphs": ON_OFF}.get(f.name)
@@ -175,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
             help_text += f" (default {default})"
         metavar = None if choices else {"megatron_dir": "DIR", "served_model_name": "NAME", "host": "HOST"}.get(
             f.name, {int: "N", float: "X"}.get(kind, "VALUE"))
-        p.add_argument(_flag(f.name), dest=f.name, type=kind, choices=choices, metavar=metavar, help=help_text)
+        p.add_argument(flag(f.name), dest=f.name, type=kind, choices=choices, metavar=metavar, help=help_text)
     return p
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
+    """A --config file's mapping, or ConfigError naming the file and what is wrong (serve_cluster reads its own)."""
     if not Path(path).is_file():
         raise ConfigError(f"--config: config file {path} does not exist")
     try:
@@ -198,7 +202,7 @@ def load_options(argv: list[str] | None) -> tuple[ServeOptions, dict[str, str]]:
     """Settings from --config YAML overridden by flags, and where each given one came from (for error messages)."""
     given = vars(build_parser().parse_args(argv))
     config = given.pop("config", None)
-    raw = _read_yaml(config) if config is not None else {}
+    raw = read_yaml(config) if config is not None else {}
     where = {key: f"{key} in {config}" for key in raw}
     if isinstance(raw.get("cuda_graphs"), bool):  # YAML 1.1 reads a bare on/off as a boolean
         raw["cuda_graphs"] = ON_OFF[0] if raw["cuda_graphs"] else ON_OFF[1]
@@ -230,7 +234,7 @@ def load_options(argv: list[str] | None) -> tuple[ServeOptions, dict[str, str]]:
         where["lora_root"] = "--lora-root"
     for key, value in given.items():
         setattr(opts, key, value)
-        where[key] = _flag(key)
+        where[key] = flag(key)
     return opts, where
 
 
@@ -238,7 +242,7 @@ def check_options(opts: ServeOptions, where: dict[str, str], world_size: int) ->
     """Value checks that need no model files; ConfigError names the flag or YAML key at fault."""
 
     def name(key: str) -> str:
-        return where.get(key, _flag(key))
+        return where.get(key, flag(key))
 
     if opts.mode is None:
         raise ConfigError(f"--mode is required (or `mode` in --config): one of {', '.join(MODES)}")

@@ -76,6 +76,7 @@ from megatron_bdlora.bench.serving_setup import (
 )
 from megatron_bdlora.bench.workload import B_STD
 from megatron_bdlora.checkpoint.peft import export_peft_directory
+from megatron_bdlora.inference.requests import MAX_LOGPROBS
 from megatron_bdlora.local_ranks import free_port, run_distributed
 from megatron_bdlora.parallel import destroy_parallel, init_parallel
 from megatron_bdlora.param_count import BUILTIN_CONFIGS
@@ -175,6 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="give up on the ranks after this long (default 4 h)")
     r.add_argument("--repeats", type=int, default=1,
                    help="timed replays per system, interleaved across systems; the table shows medians (default 1)")
+    w.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="every request of our loops also returns each generated token's log-probability and top K "
+                        "(what `logprobs: K` costs; transformers + PEFT is unchanged)")
+    w.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                   help="every request of our loops also scores its prompt in prefill, top K per token (echo scoring)")
     r.add_argument("--profile", action="store_true",
                    help="after the timed replays, one more per system under torch.profiler (CPU): its top ops by self "
                         "time per engine step on rank 0, printed and in the JSON (where a step's time goes)")
@@ -198,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "kv_heads", "max_num_seqs", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("logprobs", "prompt_logprobs"):
+        if getattr(args, flag) is not None and not 0 <= getattr(args, flag) <= MAX_LOGPROBS:
+            p.error(f"--{flag.replace('_', '-')} must be in [0, {MAX_LOGPROBS}], got {getattr(args, flag)}")
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the collectives are counted on the warm-up's decode steps)")
     if args.peft and args.tp != 1:
@@ -266,6 +275,8 @@ def run(args: argparse.Namespace) -> dict:
         spec = dict(
             systems=specs, names=names, ranks={v: st.rank for v, st in variants.items()},
             threads=args.threads, warmup=args.warmup, repeats=args.repeats, profile=args.profile,
+            sampling={k: v for k, v in (("logprobs", args.logprobs), ("prompt_logprobs", args.prompt_logprobs))
+                      if v is not None},
             megatron_dir=str(meg_dir), hf_dir=str(hf_dir), peft_dirs=peft_dirs, adapter_rank=args.adapter_rank,
             max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
             all_adapters_cached=(args.max_cpu_loras or args.max_loras) >= args.num_adapters,

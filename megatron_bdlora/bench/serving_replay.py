@@ -51,12 +51,13 @@ def _all_done(done: bool, tp: int) -> bool:
 
 
 def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapters: list[str | None],
-           count: bool = False, bar: Any = None) -> dict | None:
+           count: bool = False, bar: Any = None, sampling: dict | None = None) -> dict | None:
     """Run the workload through the loop (rank 0 submits at the arrival times; every rank steps in lockstep).
 
     adapters[i]: the adapter of request i (None: the base model). Rank 0 returns per-request times (s from the
     start), tokens, engine steps, its adapter reads (latency of each) and the loop steps in which a request waited
-    for one, and, with `count`, the collectives of the first decode-only step.
+    for one, and, with `count`, the collectives of the first decode-only step. `sampling`: extra GenerationParams
+    fields of every request (--logprobs, --prompt-logprobs).
     """
     forwards0, decode0 = probe.forwards, probe.decode_forwards
     reads0, waited0 = loop.read_times.snapshot()[0], loop.counters["steps_waiting_for_adapter"]
@@ -79,7 +80,8 @@ def replay(loop: Any, probe: _StepProbe, info: Any, workload: list[dict], adapte
         now = time.perf_counter() - t0
         while submitted < n and workload[submitted]["arrival_s"] <= now:  # the workload is sorted by arrival
             r = workload[submitted]
-            params = GenerationParams(max_tokens=r["output_len"], temperature=0.0, ignore_eos=True)
+            params = GenerationParams(max_tokens=r["output_len"], temperature=0.0, ignore_eos=True,
+                                      **(sampling or {}))
             queues[submitted] = loop.submit(r["prompt_ids"], adapters[submitted], params)[1]
             submitted += 1
         if finished == submitted < n:  # idle until the next arrival (the followers wait in the step's broadcast)
@@ -162,7 +164,7 @@ def serve_worker(info: Any, spec: dict, workload: list[dict], adapter_dirs: dict
         adapters = [names[s["variant"]][r["adapter"]] if s["variant"] else None for r in requests]
         if system == PEFT:
             return peft.replay(requests, adapters, bar)
-        return replay(loops[s["mode"]], probes[s["mode"]], info, requests, adapters, count, bar)
+        return replay(loops[s["mode"]], probes[s["mode"]], info, requests, adapters, count, bar, spec.get("sampling"))
 
     lead = info.rank == 0
     warm = warmup_requests(workload, spec["warmup"], every_adapter=spec["all_adapters_cached"])

@@ -1,4 +1,5 @@
-"""The first thing every HTTP request meets: the API key on /v1/* and the request body size limit.
+"""The first thing every HTTP request meets: the API key on /v1/*, /tokenize and /detokenize, and the request body
+size limit.
 
 A plain ASGI middleware rather than FastAPI dependencies, so that it answers before a body is read (401) or while
 it is read (413), whatever the route, and never buffers more than the limit.
@@ -14,11 +15,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from megatron_bdlora.inference.errors import error_response
 
-OPEN_PATHS = ("/health", "/metrics")  # load balancers and Prometheus scrape without the key, as with vLLM
+# Routes that need the key when one is set: the API, and vLLM's tokenizer routes (they run the tokenizer, so an open
+# one would be free work for anyone; current vLLM guards every route but /health, /metrics, /version and the like).
+GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
 
 
 class RequestGuard:
-    """ASGI middleware: Bearer key on /v1/* (when a key is set) and a body limit in bytes on every route.
+    """ASGI middleware: Bearer key on GUARDED_PREFIXES (when a key is set) and a body limit in bytes on every route.
 
     `on_reject(reason)` counts refusals for /metrics ("unauthorized", "body_too_large").
     """
@@ -32,7 +35,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorised(headers):
+        if self.api_key is not None and scope["path"].startswith(GUARDED_PREFIXES) and not self._authorised(headers):
             self.on_reject("unauthorized")
             answer = error_response(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` (the "
                                          "server's --api-key)", headers={"WWW-Authenticate": "Bearer"})

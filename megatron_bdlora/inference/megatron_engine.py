@@ -2,8 +2,9 @@
 
 The engine, context, controller and wrapper are megatron's (paged KV cache, continuous batching, chunked
 prefill, pausing and eviction); this module only builds them for our model, strips the vocabulary padding
-from the logits and adapts the tokenizer. `cpu_fallbacks` first replaces what this host lacks: on CPU the
-CUDA-only pieces, on a GPU without flash-attn only the paged attention (`paged_attention`).
+from the logits, adapts the tokenizer and lets the context keep prompt logits for scoring (`prompt_scores`).
+`cpu_fallbacks` first replaces what this host lacks: on CPU the CUDA-only pieces, on a GPU without flash-attn
+only the paged attention (`paged_attention`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megatron.core.inference.text_generation_controllers.text_generation_control
 from megatron.core.models.gpt import GPTModel
 
 from megatron_bdlora.inference.cpu_fallbacks import apply_inference_fallbacks
+from megatron_bdlora.inference.prompt_scores import PromptScoringContext
 
 
 class HFTokenizerAdapter:
@@ -110,8 +112,8 @@ def build_dynamic_engine(
         block_size_tokens: tokens per KV block (granularity of allocation and pausing). CPU: 16-64 (megatron's
             GPU default is 256).
         params_dtype: dtype of the KV cache and logits (normally the model's).
-        materialize_only_last_token_logits: compute logits for each request's last token only (True; False is
-            needed for prompt log-probs).
+        materialize_only_last_token_logits: compute logits for each request's last token only (True), and for the
+            prompt tokens of the requests being scored (`prompt_scores`, with SeededSamplingController).
         enable_chunked_prefill: split prompts longer than the free token budget across steps.
         random_seed: seed of the controller's sampling generator (megatron's engine only stores its own
             `random_seed`; sampling draws from `controller.sampling_rng`). Same seed on every TP rank.
@@ -144,7 +146,7 @@ def build_dynamic_engine(
             f"max_tokens={max_tokens} must be a multiple of {DynamicInferenceContext.round_up_tokens(1, tp)} "
             "(megatron pads the tokens of a step up to that multiple)"
         )
-    context = DynamicInferenceContext(
+    context = PromptScoringContext(  # megatron's, able to keep the logits of prompts being scored
         params_dtype=params_dtype,
         num_layers=config.num_layers,
         kv_channels=config.kv_channels,

@@ -23,7 +23,7 @@ class ServerPolicy:
     enable_lora_runtime_updating: bool = False  # the load/unload routes answer 404 unless on
     lora_roots: tuple[str, ...] = ()  # () with runtime updating on: any path (vLLM's behaviour)
     max_request_bytes: int = 2_000_000  # TGI's payload limit
-    max_queued_requests: int = 128  # generation requests being tokenised, queued or running (TGI's default)
+    max_queued_requests: int = 128  # engine requests (prompts x n) tokenised, queued or running (TGI's default)
     max_stop_sequences: int = 4  # TGI's max_stop_sequences
     max_stop_length: int = 256  # characters per stop string: each is held back from a stream until ruled out
     max_stop_token_ids: int = 64

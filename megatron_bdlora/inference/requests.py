@@ -5,9 +5,11 @@ Plain dataclasses, picklable, so that the serving loop can broadcast them to eve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as vLLM and torch.Generator take it
+MAX_LOGPROBS = 20  # top alternatives per position, vLLM's default cap (max_logprobs)
 
 
 class AdapterConflictError(RuntimeError):
@@ -60,27 +62,64 @@ class GenerationParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    def check(self, prompt_tokens: int, max_model_len: int) -> None:
-        """ParamError naming the field and the allowed range (the server answers 400 with it)."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ParamError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if prompt_tokens < 1:
-            raise ParamError("prompt", "the prompt is empty (0 tokens)")
-        if prompt_tokens + self.max_tokens > max_model_len:
-            raise ParamError(
-                "max_tokens",
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({self.max_tokens}) exceeds the context length "
-                f"max_model_len={max_model_len}",
-            )
+    def check(self, prompt_tokens: int, max_model_len: int, vocab_size: int | None = None) -> None:
+        """ParamError naming the field and the allowed range (the server answers 400 with it); `vocab_size` (if
+        given) bounds the token ids of logit_bias."""
+        self._check_lengths(prompt_tokens, max_model_len)
         if not 0.0 <= self.temperature <= 2.0:
             raise ParamError("temperature", f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0)):
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (-1, 0)):
             raise ParamError("top_k", f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
         low, high = SEED_RANGE
-        if self.seed is not None and (not isinstance(self.seed, int) or not low <= self.seed <= high):
+        if self.seed is not None and (not _is_int(self.seed) or not low <= self.seed <= high):
             raise ParamError("seed", f"seed must be an integer in [-2**63, 2**63 - 1] (int64), got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ParamError(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ParamError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty < math.inf:  # vLLM: finite and > 0 (no upper bound)
+            raise ParamError("repetition_penalty", f"repetition_penalty must be finite and > 0, "
+                                                   f"got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ParamError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        self._check_logit_bias(vocab_size)
+
+    def _check_lengths(self, prompt_tokens: int, max_model_len: int) -> None:
+        """max_tokens >= 1, or 0 to only score the prompt (prompt_logprobs set); min_tokens in [0, max_tokens]; the
+        prompt and one generated token at least within the context (the engine computes one even to score)."""
+        lowest = 0 if self.prompt_logprobs is not None else 1
+        if not _is_int(self.max_tokens) or self.max_tokens < lowest:
+            raise ParamError("max_tokens", f"max_tokens must be an integer >= 1 (0 only with prompt_logprobs, to score "
+                                           f"the prompt without generating), got {self.max_tokens!r}")
+        if prompt_tokens < 1:
+            raise ParamError("prompt", "the prompt is empty (0 tokens)")
+        if prompt_tokens + max(self.max_tokens, 1) > max_model_len:
+            raise ParamError(
+                "max_tokens",
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({self.max_tokens}, at least 1) exceeds the context "
+                f"length max_model_len={max_model_len}",
+            )
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ParamError("min_tokens", f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                                           f"got {self.min_tokens!r}")
+
+    def _check_logit_bias(self, vocab_size: int | None) -> None:
+        for token, bias in self.logit_bias:
+            if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+                within = f" < {vocab_size}" if vocab_size is not None else ""
+                raise ParamError("logit_bias", f"logit_bias token ids must be integers >= 0{within}, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ParamError("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for {token}")
+
+
+def _is_int(value: object) -> bool:
+    """An integer and not a bool (JSON true must not pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

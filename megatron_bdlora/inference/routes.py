@@ -2,15 +2,20 @@
 
 The app: routes, error answers and Prometheus metrics.
 
-  POST /v1/completions          prompt: a string or a list of token ids (one prompt per request)
-  POST /v1/chat/completions     messages, formatted with the tokenizer's chat template
-                                both: `stream: true` for server-sent events ending in `data: [DONE]`
+  POST /v1/completions          prompt: a string, token ids, or a list of either (one choice per prompt and n);
+                                echo, logprobs (legacy shape), vLLM's prompt_logprobs
+  POST /v1/chat/completions     messages, formatted with the tokenizer's chat template; logprobs / top_logprobs
+                                both: n, penalties, logit_bias, min_tokens, min_p, ...; `stream: true` for
+                                server-sent events ending in `data: [DONE]`
+  POST /tokenize, /detokenize   vLLM's tokenizer routes (prompt or messages -> tokens; tokens -> prompt)
+  GET  /version                 {"version": ...}
   GET  /v1/models[/{id}]        the base model and the adapters (`parent` = base, `root` = adapter path)
   POST /v1/load_lora_adapter    {"lora_name", "lora_path"};  POST /v1/unload_lora_adapter {"lora_name"}
                                 (404 unless --enable-lora-runtime-updating; paths only under --lora-root)
   GET  /health                  200 while the engine steps;  GET /metrics  Prometheus text format
 
-With an API key every /v1/* route needs `Authorization: Bearer KEY` (401 otherwise); /health and /metrics stay open.
+With an API key every /v1/* route and /tokenize, /detokenize need `Authorization: Bearer KEY` (401 otherwise), as
+current vLLM guards every route but its public ones; /health, /metrics and /version stay open.
 Bad input is answered before it reaches the engine, as OpenAI's error JSON
 `{"error": {"message", "type", "param", "code"}}` with status 400 (404 for an unknown model or adapter, 409 for a
 concurrent load/unload of one adapter, 413 for a body over the limit, 429 with Retry-After when the requests in
@@ -42,7 +47,9 @@ from megatron_bdlora.inference.protocol import (
     COMPLETION,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoRARequest,
+    TokenizeRequest,
     UnloadLoRARequest,
 )
 
@@ -89,8 +96,9 @@ class _ServerCollector(Collector):
         for reason in sorted({*_REJECT_REASONS.values(), *self.front.rejected}):
             rejected.add_metric([reason], float(self.front.rejected[reason]))
         yield rejected
-        yield GaugeMetricFamily("bdlora_requests_in_flight", "Generation requests admitted and not yet answered "
-                                "(bounded by --max-queued-requests)", value=float(self.front.in_flight))
+        yield GaugeMetricFamily("bdlora_requests_in_flight", "Engine requests (one per prompt and choice) admitted "
+                                "and not yet answered (bounded by --max-queued-requests)",
+                                value=float(self.front.in_flight))
         info = self.loop.lora_info()
         lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM's gauge; the "
                                  "value is the time of the scrape)",
@@ -138,12 +146,23 @@ def build_app(loop: "ServingLoop", *, served_model_name: str | None = None, base
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await front.serve(request, COMPLETION, body, body.max_tokens)
+        return await front.serve(request, COMPLETION, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await front.serve(request, CHAT, body, max_tokens)
+        return await front.serve(request, CHAT, body)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return await front.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        return await front.detokenize(body)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return front.version()
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -50,7 +50,14 @@ from megatron_bdlora.comm_count import count_collectives
 from megatron_bdlora.inference import adapter_slots
 from megatron_bdlora.inference.megatron_engine import build_dynamic_engine
 from megatron_bdlora.inference.pool import AdapterPool
-from megatron_bdlora.inference.requests import AdapterConflictError, GenerationParams, GenerationRequest, TokenEvent
+from megatron_bdlora.inference.prompt_scores import PromptScores
+from megatron_bdlora.inference.requests import (
+    AdapterConflictError,
+    GenerationParams,
+    GenerationRequest,
+    TokenEvent,
+    TokenLogprob,
+)
 from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingController
 from megatron_bdlora.inference.serving_config import ServingConfig
 from megatron_bdlora.layers import LoRAAdapter, LoRAParallelLinear
@@ -123,6 +130,8 @@ class _Live:
     tokens: list[int] = field(default_factory=list)  # visible tokens
     text: str = ""  # text sent so far
     done: bool = False
+    sent: bool = False  # an event was sent (the first one carries the prompt log-probabilities)
+    stop_from: int | None = None  # with min_tokens: text length before which no stop string may end
 
 
 @dataclass(frozen=True)
@@ -262,8 +271,10 @@ class ServingLoop:
             controller_cls=SeededSamplingController,
             cuda_graphs=config.cuda_graphs,
         )
-        self.samplers = RequestSamplers(self.hf_config["vocab_size"])
+        self.samplers = RequestSamplers(self.hf_config["vocab_size"], self.eos_id)
+        self.prompt_scores = PromptScores()
         self.engine.controller.samplers = self.samplers
+        self.engine.controller.prompt_scores = self.prompt_scores
         self.read_times = _ReadTimes()  # this rank's own reads (registration, the check of a load, re-reads)
         self._reader = _HostReader(self._read_host)
         # replicated state (identical on every rank)
@@ -336,7 +347,7 @@ class ServingLoop:
         """Queue a request; ValueError for bad params or prompt, KeyError for an unknown adapter."""
         if self.stopping or not self.healthy():
             raise RuntimeError("the server is shutting down")
-        params.check(len(prompt_ids), self.max_model_len)
+        params.check(len(prompt_ids), self.max_model_len, self.hf_config["vocab_size"])
         if adapter is not None and (adapter not in self.pool.names() or adapter in self.unloading):
             raise KeyError(f"unknown model {adapter!r}; served: {[self.base_name] + self.adapter_names()}")
         if params.seed is None and not params.greedy:
@@ -703,14 +714,16 @@ class ServingLoop:
                     continue
             p = req.params
             try:
-                self.samplers.add(req.request_id, p, p.seed or 0)
+                self.samplers.add(req.request_id, p, p.seed or 0, req.prompt_ids)
             except Exception as err:  # any int seeds a generator; anything else fails this request only
                 if req.adapter is not None:
                     self.pool.release(req.adapter)
                 self._end_waiting(req, "error", f"cannot seed the sampler with seed={p.seed!r}: {err}")
                 continue
+            if p.prompt_logprobs is not None:
+                self.prompt_scores.add(req.request_id, req.prompt_ids, p.prompt_logprobs)
             sp = SamplingParams(
-                num_tokens_to_generate=p.max_tokens,
+                num_tokens_to_generate=max(p.max_tokens, 1),  # max_tokens 0 (scoring): one token, never shown
                 termination_id=-1 if p.ignore_eos else self.eos_id,
                 top_k=1,
             )
@@ -760,6 +773,7 @@ class ServingLoop:
     def _release(self, rid: int) -> None:
         adapter = self.adapter_of.pop(rid, None)
         self.samplers.remove(rid)
+        self.prompt_scores.remove(rid)
         if adapter is not None:
             self.pool.release(adapter)
         self.counters["finished"] += 1
@@ -787,6 +801,7 @@ class ServingLoop:
         """End one request with an error (the others go on): its caller is told, the engine drops it."""
         self.counters["failed"] += 1
         self.samplers.remove(rid)
+        self.prompt_scores.remove(rid)
         if in_engine:
             self._abort_in_engine(rid)
         if self.is_leader and rid in self._live:
@@ -839,46 +854,69 @@ class ServingLoop:
             layer.set_lora_slots(batch)
 
     def _publish(self, rid: int, tokens: list[int], record: Any) -> None:
-        """Send the new visible tokens and text of a request; apply stop ids, stop strings and the finish."""
+        """Send the new visible tokens (with their log-probabilities if asked) and text of a request; apply stop ids,
+        stop strings and the finish."""
         live = self._live.get(rid)
         if live is None or live.done:
             return
         p = live.request.params
         finish = None
+        if p.max_tokens == 0:  # scoring a prompt: the one token the engine computed is not shown
+            tokens = []
         for i in range(len(live.tokens), len(tokens)):
             tok = tokens[i]
             if tok in p.stop_token_ids or (tok == self.eos_id and not p.ignore_eos):
                 tokens, finish = tokens[:i], "stop"
                 break
         new = tokens[len(live.tokens) :]
+        logprobs = tuple(self.samplers.token_logprobs(rid)[len(live.tokens) : len(tokens)])
         self.counters["generated_tokens"] += len(new)
         live.tokens = tokens
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in p.stop if s) if i >= 0), default=-1)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=p.skip_special_tokens)
+        cut = self._stop_string_cut(live, text)
         if cut >= 0:
             text, finish = text[:cut], "stop"
         if finish is None and record is not None:
             finish = "length"
         if finish is None:  # hold back what could still become a stop string or a multi-byte character
-            hold = max((len(s) - 1 for s in p.stop), default=0)
+            hold = 0 if p.include_stop_str_in_output else max((len(s) - 1 for s in p.stop), default=0)
             shown = text[: len(text) - hold] if hold else text
             shown = shown.rstrip("\ufffd")
             if len(shown) > len(live.text) or new:
-                live.events.put(self._event(live, tuple(new), shown[len(live.text) :]))
+                live.events.put(self._event(live, tuple(new), shown[len(live.text) :], logprobs=logprobs))
                 live.text = max(shown, live.text, key=len)
             return
-        live.events.put(self._event(live, tuple(new), text[len(live.text) :], finish))
+        live.events.put(self._event(live, tuple(new), text[len(live.text) :], finish, logprobs=logprobs))
         live.text, live.done = text, True
         self._live.pop(rid, None)
         if record is None:  # stopped by us before the engine finished it: free its engine slot too
             self._inbox.put(CancelRequest(rid))
 
+    def _stop_string_cut(self, live: _Live, text: str) -> int:
+        """Where the text ends at its earliest stop string (after the string with include_stop_str_in_output), or -1.
+
+        As vLLM: no stop string is matched before min_tokens tokens, nor one ending within their text."""
+        p = live.request.params
+        if not p.stop or len(live.tokens) <= p.min_tokens:
+            return -1
+        if live.stop_from is None:
+            prefix = live.tokens[: p.min_tokens]
+            live.stop_from = len(self.tokenizer.decode(prefix, skip_special_tokens=p.skip_special_tokens))
+        found = [(i, s) for s in p.stop if s and (i := text.find(s, max(0, live.stop_from - len(s) + 1))) >= 0]
+        if not found:
+            return -1
+        at, stop = min(found, key=lambda f: f[0])
+        return at + len(stop) if p.include_stop_str_in_output else at
+
     def _event(
-        self, live: _Live, tokens: tuple[int, ...], text: str, finish: str | None = None, error: str | None = None
+        self, live: _Live, tokens: tuple[int, ...], text: str, finish: str | None = None, error: str | None = None,
+        logprobs: tuple[TokenLogprob, ...] = (),
     ) -> TokenEvent:
+        first, live.sent = not live.sent, True
         return TokenEvent(
             live.request.request_id, tokens, text, finish is not None, finish, error,
-            len(live.request.prompt_ids), len(live.tokens),
+            len(live.request.prompt_ids), len(live.tokens), logprobs,
+            self.prompt_scores.take(live.request.request_id) if first else None,
         )
 
     def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:

@@ -2,8 +2,10 @@
 
 FakeLoop implements the ServingLoop interface with canned text: a byte-level tokenizer and a background thread that
 emits two tokens per request per step, ending requests as TokenEvent defines (max_tokens: 'length'; end of the
-canned text, a stop string or a stop id: 'stop'; cancel: 'abort'). HTTP servers run uvicorn on 127.0.0.1 and a
-free port.
+canned text, a stop string or a stop id: 'stop'; cancel: 'abort'). A sampled request with a seed says the seed
+first ("[7] The capital..."), so that tests can tell which seed each choice used. Log-probabilities follow
+`fake_logprob` (the same for a token wherever it is), so that tests can check the answers' formatting exactly.
+HTTP servers run uvicorn on 127.0.0.1 and a free port.
 """
 
 from __future__ import annotations
@@ -13,15 +15,26 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx2
 import openai
 
-from megatron_bdlora.inference.requests import GenerationParams, TokenEvent
+from megatron_bdlora.inference.policy import ServerPolicy
+from megatron_bdlora.inference.requests import MAX_LOGPROBS, GenerationParams, TokenEvent, TokenLogprob
 
 BASE = "fake-base"
 CANNED = {None: "The capital of France is Paris.", "poet": "Of Man's first disobedience, and the fruit"}
 FILLER = " and so on"
+LIKELIEST = tuple(range(3 + ord("a"), 3 + ord("a") + MAX_LOGPROBS))  # the fake model's top tokens: 'a', 'b', ...
+
+
+def fake_logprob(token_id: int, k: int) -> TokenLogprob:
+    """The fake model's score of a token and its top k: 'a', 'b', 'c', ... at -0.25, -0.5, -0.75, ...; any other
+    token at -6 - (id % 4), below all of them."""
+    ranked = {t: -0.25 * (rank + 1) for rank, t in enumerate(LIKELIEST)}
+    return TokenLogprob(token_id, ranked.get(token_id, -6.0 - token_id % 4), tuple(
+        (t, ranked[t]) for t in LIKELIEST[:k]))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -29,15 +42,16 @@ FILLER = " and so on"
 
 
 class ByteTokenizer:
-    """ids 0, 1, 2: pad, bos, eos; then one id per UTF-8 byte (id = byte + 3)."""
+    """ids 0, 1, 2: pad, bos, eos; then one id per UTF-8 byte (id = byte + 3). Adds no special tokens (as SmolLM2's
+    tokenizer): add_special_tokens=True puts bos first, to show that the flag arrived."""
 
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
 
     def __len__(self) -> int:
         return 256 + 3
 
-    def encode(self, text: str) -> list[int]:
-        return [b + 3 for b in text.encode()]
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        return [self.bos_token_id] * bool(add_special_tokens) + [b + 3 for b in text.encode()]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
@@ -60,6 +74,8 @@ class _FakeJob:
     finish_reason: str
     prompt_tokens: int
     adapter: str | None
+    params: GenerationParams
+    prompt_logprobs: tuple | None = None  # sent with the first event
     sent: int = 0
 
 
@@ -104,10 +120,14 @@ class FakeLoop:
                     job.sent += len(new)
                     done = job.sent == len(job.planned)
                     self.counters["generated_tokens_total"] += len(new)
+                    k = job.params.logprobs
                     job.events.put(TokenEvent(job.request_id, tuple(new), self.tokenizer.decode(new), done,
                                               job.finish_reason if done else None,
                                               error="injected failure" if job.finish_reason == "error" else None,
-                                              prompt_tokens=job.prompt_tokens, completion_tokens=job.sent))
+                                              prompt_tokens=job.prompt_tokens, completion_tokens=job.sent,
+                                              logprobs=() if k is None else tuple(fake_logprob(t, k) for t in new),
+                                              prompt_logprobs=job.prompt_logprobs))
+                    job.prompt_logprobs = None
                     if done:
                         del self._jobs[job.request_id]
                         self.counters["requests_finished_total"] += 1
@@ -116,6 +136,8 @@ class FakeLoop:
         if "FAIL" in self.tokenizer.decode(prompt_ids):
             return [], "error"
         text = CANNED.get(adapter, f"{adapter} says hello.")
+        if params.seed is not None and not params.greedy:
+            text = f"[{params.seed}] {text}"
         ids = self.tokenizer.encode(text)
         if params.ignore_eos:
             ids += self.tokenizer.encode(FILLER * (params.max_tokens // len(FILLER) + 1))
@@ -124,10 +146,16 @@ class FakeLoop:
         for stop_id in params.stop_token_ids:
             if stop_id in ids:
                 ids, reason = ids[:ids.index(stop_id)], "stop"
-        cuts = [self.tokenizer.decode(ids).find(s) for s in params.stop]
-        if any(c >= 0 for c in cuts):
-            ids, reason = ids[:min(c for c in cuts if c >= 0)], "stop"  # bytes = tokens here
+        keep = params.include_stop_str_in_output
+        cuts = [(c + len(s) * keep) for s in params.stop if (c := self.tokenizer.decode(ids).find(s)) >= 0]
+        if cuts:
+            ids, reason = ids[:min(cuts)], "stop"  # bytes = tokens here
         return ids, reason
+
+    @staticmethod
+    def _prompt_logprobs(prompt_ids: list[int], params: GenerationParams) -> tuple | None:
+        k = params.prompt_logprobs
+        return None if k is None else (None, *(fake_logprob(t, k) for t in prompt_ids[1:]))
 
     # -- the interface
     def submit(self, prompt_ids: list[int], adapter: str | None, params: GenerationParams):
@@ -137,7 +165,8 @@ class FakeLoop:
         planned, reason = self._plan(list(prompt_ids), adapter, params)
         with self._lock:
             self._next_id += 1
-            job = _FakeJob(self._next_id, queue.Queue(), planned, reason, len(prompt_ids), adapter)
+            job = _FakeJob(self._next_id, queue.Queue(), planned, reason, len(prompt_ids), adapter, params,
+                           self._prompt_logprobs(list(prompt_ids), params))
             self._jobs[job.request_id] = job
             self.submitted.append((list(prompt_ids), adapter, params))
             self.counters["prompt_tokens_total"] += len(prompt_ids)
@@ -216,6 +245,26 @@ class Served:
     client: openai.OpenAI
     http: httpx2.Client
     adapters_root: Path
+
+
+def serving(root: Path, policy: ServerPolicy, loop: FakeLoop | None = None, key: str = "x") -> Iterator[Served]:
+    """A started fake loop (with adapter "poet") behind the real app with `policy`; yields Served, its openai client
+    holding `key`; stops both after."""
+    from megatron_bdlora.inference.routes import build_app
+
+    poet = adapter_dir(root, "poet")
+    loop = loop or FakeLoop({"poet": str(poet)})
+    loop.start()
+    server, thread = start_http(build_app(loop, adapter_paths={"poet": str(poet)}, policy=policy))
+    http = httpx2.Client(base_url=server.url, timeout=20, trust_env=False)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=20,
+                           http_client=httpx2.Client(trust_env=False))
+    try:
+        yield Served(loop, server.url, client, http, root)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        loop.shutdown(drain=False)
 
 
 def start_http(app, host: str = "127.0.0.1"):

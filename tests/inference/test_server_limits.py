@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-from fake_server import BASE, CANNED, FakeLoop, Served, adapter_dir, error_json, start_http, still_serving
+from fake_server import BASE, CANNED, FakeLoop, Served, adapter_dir, error_json, serving, still_serving
 from prometheus_client.parser import text_string_to_metric_families
 
 from megatron_bdlora.inference.policy import ServerPolicy
@@ -24,22 +24,8 @@ KEY = "s3cret-key"
 
 
 def _serve(root: Path, policy: ServerPolicy, loop: FakeLoop | None = None):
-    """A started fake loop behind the real app with `policy`; yields Served (the openai client holds KEY)."""
-    from megatron_bdlora.inference.routes import build_app
-
-    poet = adapter_dir(root, "poet")
-    loop = loop or FakeLoop({"poet": str(poet)})
-    loop.start()
-    server, thread = start_http(build_app(loop, adapter_paths={"poet": str(poet)}, policy=policy))
-    http = httpx2.Client(base_url=server.url, timeout=20, trust_env=False)
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=20,
-                           http_client=httpx2.Client(trust_env=False))
-    try:
-        yield Served(loop, server.url, client, http, root)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        loop.shutdown(drain=False)
+    """fake_server.serving with the openai client holding KEY."""
+    yield from serving(root, policy, loop, key=KEY)
 
 
 @pytest.fixture(scope="module")

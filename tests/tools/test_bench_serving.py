@@ -55,7 +55,7 @@ FLAGS = ("--tp", "--modes", "--peft", "--json", "--plot", "--num-requests", "--n
          "--popularity-alpha", "--arrival", "--rate", "--prompt-len", "--output-len", "--seed", "--model", "--layers",
          "--hidden", "--intermediate", "--heads", "--kv-heads", "--max-num-seqs", "--max-num-batched-tokens",
          "--max-loras", "--max-model-len", "--kv-cache-gb", "--block-size", "--threads", "--warmup", "--repeats",
-         "--model-shape", "--paper-ranks", "--bd-ranks", "--profile")
+         "--model-shape", "--paper-ranks", "--bd-ranks", "--profile", "--logprobs", "--prompt-logprobs")
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -230,6 +230,13 @@ def test_peft_at_tp_above_one_is_refused_before_any_work():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tp", "2", "--peft"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--peft runs at --tp 1 only" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag", ["--logprobs", "--prompt-logprobs"])
+def test_logprobs_beyond_the_cap_are_refused_before_any_work(flag):
+    proc = subprocess.run([sys.executable, str(SCRIPT), flag, "21"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and f"{flag} must be in [0, 20], got 21" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.multi_rank
