@@ -42,14 +42,26 @@ def demo_data(sdist) -> Path:
     return out
 
 
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(autouse=True)
+def launch_env_is_left_as_found():
+    """A test (or the tool it runs in-process) that leaves torchrun's variables behind changes what later tests see:
+    a stale WORLD_SIZE=1 made the dry run refuse TP=8, a stale MASTER_PORT made gpu_check bind a used port."""
+    before = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    assert after == before, f"the test left the launch environment changed: {before} -> {after}"
+
+
 @pytest.fixture(scope="module")
 def tp1():
     """TP=1 process groups in this process (gloo, a free port), torn down after the module."""
     from megatron_bdlora.local_ranks import free_port
     from megatron_bdlora.parallel import destroy_parallel, init_parallel
 
-    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    saved = {k: os.environ.get(k) for k in names}
+    saved = {k: os.environ.get(k) for k in LAUNCH_ENV}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     info = init_parallel(tp_size=1)
     yield info

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -22,8 +21,7 @@ from megatron_bdlora.bench.environment import code_version, machine
 from megatron_bdlora.bench.results import write_json
 from megatron_bdlora.bench.serving import parse_args as serving_args
 from megatron_bdlora.bench.serving_setup import make_workload, prepare_base
-from megatron_bdlora.local_ranks import free_port
-from megatron_bdlora.parallel import destroy_parallel, init_parallel
+from megatron_bdlora.bench.workload import single_process_group
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_dir, meg_dir = prepare_base(args)
     hf_config = json.loads((hf_dir / "config.json").read_text())
     prompts = [r["prompt_ids"] for r in make_workload(args, hf_config["vocab_size"])]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    info = init_parallel(tp_size=1)
-    try:
+    with single_process_group() as info:
         from transformers import AutoModelForCausalLM  # lazy: seconds to import
 
         from megatron_bdlora.inference.serving_config import ServingConfig
@@ -54,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
         hf = HFDecoder(model, prompts, pad_id=loop.tokenizer.pad_token_id or 0)
         run = paired_steps(loop, hf, prompts, own.pairs)
-    finally:
-        destroy_parallel()
     result = summary(run)
     o, t, r = result["ours_ms"], result["transformers_ms"], result["ratio"]
     print(f"{len(prompts)} requests decoding, {torch.get_num_threads()} thread(s), {result['pairs']} alternating pairs")

@@ -74,11 +74,10 @@ from megatron_bdlora.bench.serving_setup import (
     system_specs,
     write_adapters,
 )
-from megatron_bdlora.bench.workload import B_STD
+from megatron_bdlora.bench.workload import B_STD, single_process_group
 from megatron_bdlora.checkpoint.peft import export_peft_directory
 from megatron_bdlora.inference.requests import MAX_LOGPROBS
-from megatron_bdlora.local_ranks import free_port, run_distributed
-from megatron_bdlora.parallel import destroy_parallel, init_parallel
+from megatron_bdlora.local_ranks import run_distributed
 from megatron_bdlora.param_count import BUILTIN_CONFIGS
 
 
@@ -285,13 +284,8 @@ def run(args: argparse.Namespace) -> dict:
                         seed=args.seed),
         )
         if args.tp == 1:  # in this process, with --threads threads
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0")
-            info = init_parallel(tp_size=1)
-            try:
+            with single_process_group() as info:
                 raw = serve_worker(info, spec, workload, adapter_dirs)
-            finally:
-                destroy_parallel()
         else:
             raw = run_distributed(serve_worker, args.tp, spec, workload, adapter_dirs, timeout=args.timeout_s)[0]
 
