@@ -352,7 +352,7 @@ class LoRAParallelLinear:
         adapters = self.lora_adapters
         plan = adapters[0].plan
         if plan.collective is Collective.NONE and uses_dense_branch(x, batch):
-            lora_dense_branch(x, out, self._dense_factors(batch, x.shape[1], out.shape[1]), batch)
+            lora_dense_branch(x, out, self._dense_factors(batch, x.shape[1]), batch)
             return
         z = lora_shrink_packed(x, self.packed_lora_a(), [ad.a_views for ad in adapters], batch,
                                [ad.graph_launch(ad.a_table) for ad in adapters])  # [tokens, P * r] in slot order
@@ -364,13 +364,13 @@ class LoRAParallelLinear:
         return [ExpandSlice(ad.lora_B, ad.b_views, ad.scaling, self.lora_layouts[name], ad.graph_launch(ad.b_table))
                 for name, ad in self.lora.items()]
 
-    def _dense_factors(self, batch: SlotBatch, in_width: int, out_width: int) -> DenseFactors:
+    def _dense_factors(self, batch: SlotBatch, in_width: int) -> DenseFactors:
         """This step's used slots as DenseFactors, rebuilt only when they changed or a slot was written since (decode
         keeps both for many steps; the check is two comparisons per layer)."""
         key = (batch.used_slots, LoRAAdapter.writes)
         if self._dense is None or self._dense[0] != key:
             a_slices = [(ad.lora_A, ad.a_views) for ad in self.lora_adapters]
-            self._dense = key, dense_factors(a_slices, self._expand_slices(), key[0], in_width, out_width)
+            self._dense = key, dense_factors(a_slices, self._expand_slices(), key[0], in_width)
         return self._dense[1]
 
     def packed_lora_a(self) -> torch.Tensor:

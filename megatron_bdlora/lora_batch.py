@@ -152,14 +152,13 @@ class DenseFactors:
     """A layer's adapters in the slots a step uses, as two dense matrices (the torch path of decode-sized steps).
 
     a_t [in, rows]: every used slot's A rows of every sub-projection, sub-projection by sub-projection
-    (block-diagonal factors made dense). parts: (first row, end row, first column, end column, B rows scaled
-    [rows, columns]) - the B rows of those rows and the output columns they write: a sub-projection of contiguous
-    output columns is a part of its own width; adjacent ones interleaved in the fused layout (q/k/v per query group)
-    share one part of the whole output width. row_slots: the slot of each row.
+    (block-diagonal factors made dense). parts: one per sub-projection, (first row, end row, output layout, B rows
+    scaled [rows, width]) - the B rows of those rows and the fused output's columns they write. row_slots: the slot
+    of each row.
     """
 
     a_t: torch.Tensor
-    parts: tuple[tuple[int, int, int, int, torch.Tensor], ...]
+    parts: tuple[tuple[int, int, OutputLayout, torch.Tensor], ...]
     row_slots: tuple[int, ...]
 
 

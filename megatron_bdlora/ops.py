@@ -191,12 +191,12 @@ def uses_dense_branch(x: torch.Tensor, batch: SlotBatch) -> bool:
 
 def dense_factors(
     a_slices: Sequence[tuple[torch.Tensor, SlotViews]], expand: Sequence[ExpandSlice], slots: tuple[int, ...],
-    in_width: int, out_width: int,
+    in_width: int,
 ) -> DenseFactors:
     """The step's used slots of P sub-projections as DenseFactors: a_slices[p] = (A stack, views), expand[p] its B.
 
     A slot's rows are a rank-space: its A rows, and the B columns reading them, times its scaling; B rows land at
-    their sub-projection's columns of the fused output (OutputLayout).
+    their sub-projection's columns of the fused output (its OutputLayout).
     """
     a_rows, row_slots, parts = [a_slices[0][0].new_zeros(0, in_width)], [], []
     for (a_stack, a_views), sl in zip(a_slices, expand, strict=True):
@@ -209,32 +209,28 @@ def dense_factors(
             b = packed_to_block_diagonal(sl.weight[slot, : vb.rows, : vb.cols], vb.blocks)  # [D, r]
             b_p.append((b * sl.scalings[slot].to(b.dtype)).t())  # [r, D]
             row_slots += [slot] * va.rows
-        if not a_p:
-            continue
-        first = len(row_slots) - sum(a.shape[0] for a in a_p)
-        bt = torch.cat(b_p)  # [rows of this sub-projection, D]
-        a_rows += a_p
-        width, layout = bt.shape[1], sl.layout
-        if layout.group_width == width:  # one group: its columns are one contiguous range
-            parts.append((first, len(row_slots), layout.offset, layout.offset + width, bt))
-            continue
-        placed = bt.new_zeros(bt.shape[0], out_width)  # interleaved: placed in the whole output row
-        placed[:, layout.columns(width, device=bt.device)] = bt
-        if parts and parts[-1][1] == first and parts[-1][3] - parts[-1][2] == out_width:  # join the previous one
-            r0, *_, previous = parts.pop()
-            placed = torch.cat([previous, placed])
-            first = r0
-        parts.append((first, len(row_slots), 0, out_width, placed))
+        if a_p:
+            first = len(row_slots) - sum(a.shape[0] for a in a_p)
+            a_rows += a_p
+            parts.append((first, len(row_slots), sl.layout, torch.cat(b_p)))  # B: [rows of this sub-projection, D]
     return DenseFactors(torch.cat(a_rows).t().contiguous(), tuple(parts), tuple(row_slots))
 
 
 def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors, batch: SlotBatch) -> torch.Tensor:
     """out += ((x A^T) * M) B in place, M the [tokens, rows] mask of each token's own slot: every token gets its own
-    adapter's output (tokens without one get exact zeros), in token order, with no gather or scatter; one addmm per
-    part of the output (DenseFactors.parts)."""
+    adapter's output (tokens without one get exact zeros), in token order, with no gather or scatter.
+
+    One addmm per sub-projection of contiguous output columns; an interleaved one (q/k/v per query group) is a
+    matmul added into its strided columns, so no B is padded to the fused width (at decode sizes the branch costs
+    the bytes of the factors it reads, and zero padding would triple q/k/v's)."""
     z = torch.mm(x, factors.a_t).mul_(batch.slot_mask(factors.row_slots, x.dtype))  # [n, rows]
-    for r0, r1, c0, c1, b in factors.parts:
-        out[:, c0:c1].addmm_(z[:, r0:r1], b)
+    for r0, r1, layout, b in factors.parts:
+        width = b.shape[1]
+        if layout.group_width == width:  # one group: contiguous columns
+            out[:, layout.offset : layout.offset + width].addmm_(z[:, r0:r1], b)
+        else:
+            target = layout.view(out, width)  # [n, groups, group_width], strided
+            target.add_(torch.mm(z[:, r0:r1], b).view(target.shape))
     return out
 
 

@@ -201,7 +201,7 @@ def test_dense_branch_equals_each_slice_alone_in_float64_math():
 
     def run() -> torch.Tensor:
         slices = [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(3)]
-        factors = dense_factors(list(zip(a, a_views)), slices, (0, 1, 2), 16, 34)
+        factors = dense_factors(list(zip(a, a_views)), slices, (0, 1, 2), 16)
         return lora_dense_branch(x, poison.clone(), factors, batch)
 
     out = run()
