@@ -43,12 +43,13 @@ from megatron_bdlora.lora_batch import (
     SlotViews,
 )
 from megatron_bdlora.ops import (
+    collective_free_branch,
     dense_factors,
     lora_dense_branch,
     lora_expand_packed,
+    lora_segment_branch,
     lora_shrink_packed,
     matmul_packed,
-    uses_dense_branch,
 )
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
@@ -351,8 +352,13 @@ class LoRAParallelLinear:
         x = x.reshape(-1, x.shape[-1])  # [tokens, in_local]
         adapters = self.lora_adapters
         plan = adapters[0].plan
-        if plan.collective is Collective.NONE and uses_dense_branch(x, batch):
+        branch = collective_free_branch(x, batch) if plan.collective is Collective.NONE else None
+        if branch == "dense":
             lora_dense_branch(x, out, self._dense_factors(batch, x.shape[1]), batch)
+            return
+        if branch == "segments":
+            lora_segment_branch(x, out, self.packed_lora_a(), [ad.a_views for ad in adapters], self._expand_slices(),
+                                batch)
             return
         z = lora_shrink_packed(x, self.packed_lora_a(), [ad.a_views for ad in adapters], batch,
                                [ad.graph_launch(ad.a_table) for ad in adapters])  # [tokens, P * r] in slot order

@@ -265,6 +265,27 @@ class SlotBatch:
             self._cache["token_slots"] = slots
         return self._cache["token_slots"]
 
+    @property
+    def token_runs(self) -> tuple[tuple[int, int, int], ...]:
+        """(slot, start, stop) ranges of adjacent tokens of one slot in token order (a request's prompt), tokens
+        without an adapter left out (host, once per step): what a long collective-free step computes in place."""
+        if "token_runs" not in self._cache:
+            runs: list[list[int]] = []
+            for t, slot in enumerate(self.token_slots().tolist()):
+                if runs and runs[-1][0] == slot and runs[-1][2] == t:
+                    runs[-1][2] = t + 1
+                elif slot >= 0:
+                    runs.append([slot, t, t + 1])
+            self._cache["token_runs"] = tuple(map(tuple, runs))
+        return self._cache["token_runs"]
+
+    def host_scalings(self, scalings: torch.Tensor) -> list[float]:
+        """The slots' scalings on the host (cached for the step: loads happen between steps)."""
+        key = ("host_scalings", id(scalings))
+        if key not in self._cache:
+            self._cache[key] = (scalings, scalings.tolist())  # (holds the tensor so its id is not reused)
+        return self._cache[key][1]
+
     def slot_mask(self, row_slots: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """[tokens, rows] 1 where row r belongs to the token's own slot (row_slots[r]), else 0 (cached per layout)."""
         key = ("mask", row_slots, dtype)

@@ -184,9 +184,12 @@ def lora_expand_packed(
     return out
 
 
-def uses_dense_branch(x: torch.Tensor, batch: SlotBatch) -> bool:
-    """Whether a collective-free layer runs this step's LoRA as lora_dense_branch (torch path, decode-sized step)."""
-    return not _triton_for(x) and batch.num_tokens <= DENSE_TOKENS
+def collective_free_branch(x: torch.Tensor, batch: SlotBatch) -> str | None:
+    """How a collective-free layer runs this step's LoRA on the torch path: "dense" (lora_dense_branch, decode-sized
+    steps) or "segments" (lora_segment_branch, prefill); None: the packed shrink and expand (Triton)."""
+    if _triton_for(x):
+        return None
+    return "dense" if batch.num_tokens <= DENSE_TOKENS else "segments"
 
 
 def dense_factors(
@@ -231,6 +234,39 @@ def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors,
         else:
             target = layout.view(out, width)  # [n, groups, group_width], strided
             target.add_(torch.mm(z[:, r0:r1], b).view(target.shape))
+    return out
+
+
+def lora_segment_branch(
+    x: torch.Tensor, out: torch.Tensor, a_packed: torch.Tensor, a_slices: Sequence[SlotViews],
+    expand: Sequence[ExpandSlice], batch: SlotBatch,
+) -> torch.Tensor:
+    """out += every token's own adapter output in place, for a long step (prefill) of a collective-free layer.
+
+    A prompt's tokens are adjacent and share a slot (SlotBatch.token_runs): per run, one shrink of all P
+    sub-projections (a_packed as in lora_shrink_packed) and one addmm per sub-projection into the run's rows of
+    the fused output. No gather, scatter, zero fill or output-sized buffer: the rank space is the only intermediate,
+    so the branch costs its FLOPs. Tokens without an adapter are left bit-identical.
+    """
+    a_views, slices = SlotViews.interleaved(a_slices), len(expand)
+    for slot, lo, hi in batch.token_runs:
+        va = a_views[slot]
+        if va is None:
+            continue
+        z = matmul_packed(x[lo:hi, : va.in_width], a_packed[slot, : va.rows, : va.cols], va.blocks)  # [t, P * r]
+        rows = out[lo:hi]
+        for p, sl in enumerate(expand):
+            vb = sl.views[slot]
+            if vb is None:
+                continue
+            u = _rank_space(z, vb.in_width, p, slices, 1)  # [t, r], a view
+            b, scale = sl.weight[slot, : vb.rows, : vb.cols], batch.host_scalings(sl.scalings)[slot]
+            layout = sl.layout
+            if vb.blocks == 1 and layout.group_width == vb.rows:  # one group: contiguous columns
+                rows[:, layout.offset : layout.offset + vb.rows].addmm_(u, b.t(), alpha=scale)
+            else:
+                target = layout.view(rows, vb.rows)  # [t, groups, group_width], strided
+                target.add_(matmul_packed(u, b, vb.blocks).view(target.shape), alpha=scale)
     return out
 
 

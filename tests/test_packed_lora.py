@@ -66,7 +66,9 @@ def _load(info, layers_of, mode, projections, seed):
 
 def packed_worker(info, cases):
     """Per case: the fused layer's local output and the separate layers' local outputs, before and after a reload."""
-    out = []
+    import megatron_bdlora.ops as ops
+
+    dense_tokens, out = ops.DENSE_TOKENS, []
     for mode, name, dtype in cases:
         projections, groups = FUSED[name]
         fused = _layer(info, mode, projections, groups, dtype)
@@ -85,6 +87,11 @@ def packed_worker(info, cases):
                 for key, layer in (("fused", fused), *separate.items()):
                     layer.set_lora_slots(torch.tensor(SLOT_IDS))
                     ys[key] = layer(x)[0].reshape(len(SLOT_IDS), -1)
+                ops.DENSE_TOKENS = 0  # the fused layer as in a prefill step (collective-free: the segment branch)
+                try:
+                    ys["fused prefill"] = fused(x)[0].reshape(len(SLOT_IDS), -1)
+                finally:
+                    ops.DENSE_TOKENS = dense_tokens
             runs.append(ys)
         fused.to(torch.float16)  # a conversion gives every parameter its own storage: the layer packs them again there
         packed = fused._lora_a_packed[0]
@@ -115,12 +122,13 @@ def test_packed_fused_layer_equals_separate_projections(tp):
             for seed, ys in enumerate(runs):
                 label = f"{name}/{mode}/{dtype}/tp{tp}/rank{rank}/load{seed}"
                 want = _interleave([ys[p] for p, _ in projections], local_groups)
-                got = ys["fused"]
                 assert want.abs().max() > 0.1, f"{label}: no LoRA output to compare"
-                err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-                assert err <= tol, f"{label}: packed vs separate rel err {err:.3g}"
-                base_rows = [t for t, s in enumerate(SLOT_IDS) if s < 0]
-                assert not got[base_rows].any(), f"{label}: tokens without an adapter got a LoRA output"
+                for step in ("fused", "fused prefill"):
+                    got = ys[step]
+                    err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+                    assert err <= tol, f"{label}/{step}: packed vs separate rel err {err:.3g}"
+                    base_rows = [t for t, s in enumerate(SLOT_IDS) if s < 0]
+                    assert not got[base_rows].any(), f"{label}/{step}: tokens without an adapter got a LoRA output"
             assert not torch.equal(runs[0]["fused"], runs[1]["fused"]), f"{name}/{mode}: the reload was not picked up"
 
 
@@ -210,3 +218,48 @@ def test_dense_branch_equals_each_slice_alone_in_float64_math():
     a[0][1, :2] = torch.randn(2, 16, generator=g)  # slot 1 reloaded: new factors, new views (a new rank)
     a_views[0] = a_views[0].replace(1, FactorView(2, 16))
     check(run(), expected(), torch.float32, "dense branch after a reload")
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["qkv-packed", "one-slice-bd-a"])
+def test_segment_branch_equals_each_slice_alone_in_float64_math(packed):
+    """The prefill torch path of collective-free layers (ops.lora_segment_branch), reading each prompt's rows in
+    place: runs of adjacent tokens with one slot (a slot's runs not adjacent, tokens without an adapter between),
+    slots differing in rank, block count (a BD B of 2 blocks; one slice: a BD A of 2 blocks) and coverage (slot 2
+    lacks slice 1), B rows at their fused-output columns of 2 groups (one slice: contiguous columns); checked
+    against per-token float64 math, tokens without an adapter, unaddressed columns and the poisoned (NaN) parts of
+    the stacks untouched."""
+    from ops_reference import check, poisoned_stack, reference_expand, reference_shrink
+
+    from megatron_bdlora.lora_batch import ExpandSlice, FactorView, OutputLayout, SlotBatch, SlotViews
+    from megatron_bdlora.ops import lora_segment_branch
+
+    slot_ids = [1, 1, 1, 0, 0, -1, -1, 2, 2, 2, 0, 0, 1, -1]
+    batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids), 3)
+    slices = 3 if packed else 1
+    a_first = FactorView(4, 16) if packed else FactorView(4, 8, 2)
+    a_views = [SlotViews([a_first, FactorView(2, 16), None if p == 1 else FactorView(4, 16)]) for p in range(slices)]
+    widths = (8, 4, 4)[:slices]
+    b_views = [SlotViews([FactorView(2 * w, 2, 2), FactorView(2 * w, 2), None if p == 1 else FactorView(2 * w, 4)])
+               for p, w in enumerate(widths)]
+    a = [poisoned_stack(v, (4, 16), torch.float32, p) for p, v in enumerate(a_views)]
+    if packed:
+        a[1][2] = 0  # a slice a slot does not hold has zero rows (LoRAAdapter.clear_slot)
+    a_packed = torch.stack(a, dim=2).flatten(1, 2)  # [3 slots, 4 ranks * P slices, 16], rows interleaved
+    b = [poisoned_stack(v, (2 * w, 4), torch.float32, 10 + p) for p, (v, w) in enumerate(zip(b_views, widths))]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(slot_ids), 16, generator=g)
+    scalings = torch.tensor([0.5, 2.0, 1.5])
+    # packed: 2 groups [q 8 | k 4 | v 4]; one slice: one group, contiguous columns 8-23 (the addmm into them)
+    layouts = [OutputLayout(w, 16, off) for w, off in zip(widths, (0, 8, 12))] if packed else [OutputLayout(16, 16, 8)]
+    poison = torch.randn(len(slot_ids), 34, generator=g)  # (up to) 32 fused columns, 2 nobody addresses
+
+    assert batch.token_runs == ((1, 0, 3), (0, 3, 5), (2, 7, 10), (0, 10, 12), (1, 12, 13))
+    out = lora_segment_branch(x, poison.clone(), a_packed, a_views,
+                              [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(slices)], batch)
+    want = poison.double()
+    for p in range(slices):
+        z = reference_shrink(x, a[p], a_views[p], slot_ids)  # [n, 4] in slot order
+        want = reference_expand(want, z, b[p], b_views[p], scalings, slot_ids, layouts[p])
+    check(out, want, torch.float32, "segment branch")
+    assert torch.equal(out[:, 32:], poison[:, 32:])
+    assert all(torch.equal(out[t], poison[t]) for t, s in enumerate(slot_ids) if s < 0)
