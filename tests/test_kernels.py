@@ -81,6 +81,39 @@ def test_graph_launch_serves_adapters_loaded_after_its_sizing(kernels):
     assert torch.equal(out[20], poison[20])  # the token without an adapter
 
 
+def test_packed_shrink_is_one_launch_and_reads_the_slices_tables_under_graphs(kernels, monkeypatch):
+    """q/k/v's shrink in one launch: the row-interleaved stack of 3 slices (slot 1 of a lower rank, slot 2 holding
+    only slices 0 and 2) computed as one projection, with today's views and, as in a captured CUDA graph, with the
+    slices' slot tables written after the launch was sized (every slot empty then); each slice against float64."""
+    from megatron_bdlora.kernels import launch
+    from megatron_bdlora.lora_batch import GraphLaunch
+
+    device = "cuda" if ON_GPU else "cpu"
+    slot_ids = [1, 0, -1, 2, 0, 1, 2, 0]
+    batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids, device=device), 3)
+    views = [SlotViews([FactorView(4, 16), FactorView(2, 16), None if p == 1 else FactorView(4, 16)]) for p in range(3)]
+    stacks = [poisoned_stack(v, (4, 16), torch.float32, p) for p, v in enumerate(views)]
+    stacks[1][2] = 0  # a slice a slot does not hold has zero rows (LoRAAdapter.clear_slot)
+    a = torch.stack(stacks, dim=2).flatten(1, 2).to(device)  # [3 slots, 4 ranks * 3 slices, 16]
+    x = torch.randn(len(slot_ids), 16, generator=torch.Generator().manual_seed(2)).to(device)
+    launches = []
+    real_launch = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda *args, **kw: launches.append(1) or real_launch(*args, **kw))
+
+    empty = SlotViews([None] * 3)
+    tables = [empty.table(device).clone() for _ in range(3)]
+    graphs = [GraphLaunch(t, max_blocks=1) for t in tables]
+    assert not kernels.shrink_packed(x, a, [empty] * 3, batch, graphs=graphs).any()  # "captured": all slots empty
+    for table, v in zip(tables, views):
+        table.copy_(v.table(device))  # the loads, in place
+    for label, got in (("views", kernels.shrink_packed(x, a, views, batch)),
+                       ("graph tables", kernels.shrink_packed(x, a, [empty] * 3, batch, graphs=graphs))):
+        for p in range(3):
+            want = reference_shrink(x.cpu(), stacks[p], views[p], slot_ids)
+            check(got[:, p::3].cpu(), want, torch.float32, f"packed shrink ({label}), slice {p}")
+    assert len(launches) == 3  # one per call
+
+
 def test_layer_tables_follow_loads_in_place():
     """What a captured graph reads: a LoRA layer's slot tables keep their address across loads and clears and
     always equal its views; an adapter with more blocks than the graphs were sized for is refused, slot untouched."""

@@ -84,17 +84,27 @@ def shrink(x: torch.Tensor, weight: torch.Tensor, views: SlotViews, batch: SlotB
 def shrink_packed(x: torch.Tensor, weight: torch.Tensor, slices: Sequence[SlotViews], batch: SlotBatch,
                   split_k: int | None = None, graphs: Sequence[GraphLaunch | None] | None = None,
                   **tiles) -> torch.Tensor:
-    """ops.lora_shrink_packed on the GPU: one launch per slice, each writing its interleaved columns of z (slice p's
-    stack is the strided view weight.unflatten(1, (R, P))[:, :, p], which the slot tables describe)."""
+    """ops.lora_shrink_packed on the GPU in one launch: a slot's rows of all slices are one dense matrix of the
+    row-interleaved stack (SlotViews.interleaved), so the kernel computes z's P * r columns as one projection."""
     split_k = split_k or default_split_k(batch.num_tokens, weight.shape[2])
     dtype = torch.float32 if split_k > 1 else x.dtype
     z = torch.zeros(x.shape[0], weight.shape[1], dtype=dtype, device=x.device)
-    stacks = weight.unflatten(1, (-1, len(slices)))  # [slots, R, P, C]
-    for p, views in enumerate(slices):
-        graph = graphs[p] if graphs else None
-        _launch(x, stacks[:, :, p], z, views, batch, shrink=True, layout=OutputLayout(1, len(slices), p),
-                split_k=split_k, graph=graph, **tiles)
+    _launch(x, weight, z, SlotViews.interleaved(slices), batch, shrink=True, split_k=split_k,
+            graph=_interleaved_graph(graphs, len(slices)), **tiles)
     return z
+
+
+def _interleaved_graph(graphs: Sequence[GraphLaunch | None] | None, slices: int) -> GraphLaunch | None:
+    """The packed stack's launch under CUDA graphs: its slot table derived from the slices' tables on the device
+    (recorded in the graph, so a replay reads the tables that loads rewrite in place): a slot's rows are P times
+    those of any slice it holds (the slices of a slot agree, a slice it lacks has 0 rows)."""
+    if not graphs or graphs[0] is None:
+        return None
+    if slices == 1:
+        return graphs[0]
+    table = torch.stack([g.table for g in graphs]).amax(0)  # [slots, 3]: (rows, cols, blocks) of the held slices
+    table = table * torch.tensor([slices, 1, 1], dtype=table.dtype, device=table.device)
+    return GraphLaunch(table, max(g.max_blocks for g in graphs))
 
 
 def expand(z: torch.Tensor, weight: torch.Tensor, views: SlotViews, scalings: torch.Tensor, batch: SlotBatch,
