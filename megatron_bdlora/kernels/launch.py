@@ -103,7 +103,7 @@ def _interleaved_graph(graphs: Sequence[GraphLaunch | None] | None, slices: int)
     if slices == 1:
         return graphs[0]
     table = torch.stack([g.table for g in graphs]).amax(0)  # [slots, 3]: (rows, cols, blocks) of the held slices
-    table = table * torch.tensor([slices, 1, 1], dtype=table.dtype, device=table.device)
+    table = torch.cat([table[:, :1] * slices, table[:, 1:]], dim=1)  # device ops only: no host copy while capturing
     return GraphLaunch(table, max(g.max_blocks for g in graphs))
 
 
