@@ -33,12 +33,14 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.frozen_linear import PACKED_DTYPES, frozen_forward_impl, is_packed, pack_weight
 from megatron_bdlora.lora_batch import (
     DenseFactors,
     ExpandSlice,
     FactorView,
     GraphLaunch,
     OutputLayout,
+    PackedSlotFactors,
     SlotBatch,
     SlotViews,
 )
@@ -243,6 +245,7 @@ class LoRAParallelLinear:
     """
 
     kind: LayerKind
+    calls_frozen_forward = True  # _forward_impl routes the base product through frozen_linear itself
 
     def _init_lora(self, spec: LoRALayerSpec, d_in: int) -> None:
         if self.config.sequence_parallel and self.kind is LayerKind.COLUMN:
@@ -277,6 +280,7 @@ class LoRAParallelLinear:
         self.lora_adapters = tuple(self.lora.values())  # (in the fused order; the serving path reads it per forward)
         self._lora_a_packed: tuple[torch.Tensor | None, list[int]] = (None, [])  # see packed_lora_a
         self._dense: tuple[tuple, DenseFactors] | None = None  # serving, decode-sized steps: see _dense_factors
+        self._onednn_slots: dict[int, tuple[int, PackedSlotFactors | None]] = {}  # see _onednn_slot_factors
         self.lora_layouts = self._output_layouts()
         if spec.slots > 1 and len(self.lora_adapters) > 1:  # a serving layer: packed from the start (see packed_lora_a)
             self._tie_lora_a()
@@ -358,7 +362,8 @@ class LoRAParallelLinear:
             return
         if branch == "segments":
             lora_segment_branch(x, out, self.packed_lora_a(), [ad.a_views for ad in adapters], self._expand_slices(),
-                                batch)
+                                batch, self._onednn_slot_factors if is_packed(self) and x.dtype in PACKED_DTYPES
+                                else None)
             return
         z = lora_shrink_packed(x, self.packed_lora_a(), [ad.a_views for ad in adapters], batch,
                                [ad.graph_launch(ad.a_table) for ad in adapters])  # [tokens, P * r] in slot order
@@ -378,6 +383,25 @@ class LoRAParallelLinear:
             a_slices = [(ad.lora_A, ad.a_views) for ad in self.lora_adapters]
             self._dense = key, dense_factors(a_slices, self._expand_slices(), key[0], in_width)
         return self._dense[1]
+
+    def _onednn_slot_factors(self, slot: int) -> PackedSlotFactors | None:
+        """A slot's factors packed for oneDNN (long CPU steps), repacked after any slot write; None for a slot with
+        several blocks per rank (block-diagonal einsum instead) or factors of another dtype."""
+        cached = self._onednn_slots.get(slot)
+        if cached is not None and cached[0] == LoRAAdapter.writes:
+            return cached[1]
+        adapters = self.lora_adapters
+        va = SlotViews.interleaved([ad.a_views for ad in adapters])[slot]
+        vbs = [ad.b_views[slot] for ad in adapters]
+        factors = None
+        if (va is not None and va.blocks == 1 and all(vb is None or vb.blocks == 1 for vb in vbs)
+                and adapters[0].lora_B.dtype in PACKED_DTYPES):
+            a = pack_weight(self.packed_lora_a()[slot, : va.rows, : va.cols])  # [P * r, C]
+            b = tuple(None if vb is None else pack_weight(ad.lora_B[slot, : vb.rows, : vb.cols])
+                      for ad, vb in zip(adapters, vbs, strict=True))  # [O, r] each
+            factors = PackedSlotFactors(a, b)
+        self._onednn_slots[slot] = (LoRAAdapter.writes, factors)
+        return factors
 
     def packed_lora_a(self) -> torch.Tensor:
         """[slots, P * R, C]: the P adapters' A stacks in one storage, rank rows interleaved (row j of adapter p at
@@ -406,16 +430,13 @@ class LoRAParallelLinear:
         super()._apply(fn, recurse)
         if self.lora_spec.slots > 1 and len(self.lora_adapters) > 1:
             self._tie_lora_a()
+        self._dense, self._onednn_slots = None, {}  # per-step forms of the old storage
         return self
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # `input`: megatron's signature
-        if torch.is_grad_enabled() or args or kwargs.get("sequence_parallel"):
-            base = super()._forward_impl(input, weight, *args, **kwargs)
-        else:  # inference: megatron's frozen-weight matmul without its autograd Function (and, in megatron-core
-            # 0.16, a deprecation warning per row-parallel call: RowParallelLinear passes tp_group=None)
-            base = torch.matmul(input, weight.t())
-            if kwargs.get("bias") is not None:
-                base = base + kwargs["bias"]
+        # inference: the frozen-weight product without megatron's autograd Function (and, in megatron-core 0.16, a
+        # deprecation warning per row-parallel call: RowParallelLinear passes tp_group=None); oneDNN on CPU
+        base = frozen_forward_impl(self, super()._forward_impl, input, weight, *args, **kwargs)
         if self.lora_merged or not self.lora_enabled:
             return base
         if self.lora_slots is None:

@@ -148,6 +148,16 @@ class ExpandSlice:
 
 
 @dataclass(frozen=True)
+class PackedSlotFactors:
+    """One slot's factors of a fused layer reordered for oneDNN (frozen_linear.pack_weight), for long CPU steps:
+    a, its A rows of every sub-projection row-interleaved [P * r, C]; b, each sub-projection's B [O, r] (None where
+    the slot lacks it)."""
+
+    a: torch.Tensor
+    b: tuple[torch.Tensor | None, ...]
+
+
+@dataclass(frozen=True)
 class DenseFactors:
     """A layer's adapters in the slots a step uses, as two dense matrices (the torch path of decode-sized steps).
 

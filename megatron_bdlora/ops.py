@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from megatron_bdlora.frozen_linear import packed_linear
 from megatron_bdlora.lora_batch import (
     DenseFactors,
     ExpandSlice,
     FactorView,
     GraphLaunch,
     OutputLayout,
+    PackedSlotFactors,
     Run,
     SlotBatch,
     SlotViews,
@@ -240,20 +242,25 @@ def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors,
 def lora_segment_branch(
     x: torch.Tensor, out: torch.Tensor, a_packed: torch.Tensor, a_slices: Sequence[SlotViews],
     expand: Sequence[ExpandSlice], batch: SlotBatch,
+    onednn: Callable[[int], PackedSlotFactors | None] | None = None,
 ) -> torch.Tensor:
     """out += every token's own adapter output in place, for a long step (prefill) of a collective-free layer.
 
     A prompt's tokens are adjacent and share a slot (SlotBatch.token_runs): per run, one shrink of all P
     sub-projections (a_packed as in lora_shrink_packed) and one addmm per sub-projection into the run's rows of
     the fused output. No gather, scatter, zero fill or output-sized buffer: the rank space is the only intermediate,
-    so the branch costs its FLOPs. Tokens without an adapter are left bit-identical.
+    so the branch costs its FLOPs. Tokens without an adapter are left bit-identical. onednn(slot): the slot's
+    factors packed for oneDNN (several times MKL's rate at these sizes on our CPUs), None to use torch's matmul.
     """
     a_views, slices = SlotViews.interleaved(a_slices), len(expand)
     for slot, lo, hi in batch.token_runs:
         va = a_views[slot]
         if va is None:
             continue
-        z = matmul_packed(x[lo:hi, : va.in_width], a_packed[slot, : va.rows, : va.cols], va.blocks)  # [t, P * r]
+        packed = onednn(slot) if onednn is not None else None
+        x_run = x[lo:hi, : va.in_width]
+        z = packed_linear(x_run, packed.a) if packed else matmul_packed(x_run, a_packed[slot, : va.rows, : va.cols],
+                                                                          va.blocks)  # [t, P * r]
         rows = out[lo:hi]
         for p, sl in enumerate(expand):
             vb = sl.views[slot]
@@ -262,10 +269,13 @@ def lora_segment_branch(
             u = _rank_space(z, vb.in_width, p, slices, 1)  # [t, r], a view
             b, scale = sl.weight[slot, : vb.rows, : vb.cols], batch.host_scalings(sl.scalings)[slot]
             layout = sl.layout
-            if vb.blocks == 1 and layout.group_width == vb.rows:  # one group: contiguous columns
-                rows[:, layout.offset : layout.offset + vb.rows].addmm_(u, b.t(), alpha=scale)
-            else:
-                target = layout.view(rows, vb.rows)  # [t, groups, group_width], strided
+            contiguous = vb.blocks == 1 and layout.group_width == vb.rows  # one group: contiguous columns
+            target = rows[:, layout.offset : layout.offset + vb.rows] if contiguous else layout.view(rows, vb.rows)
+            if packed:
+                target.add_(packed_linear(u, packed.b[p]).view(target.shape), alpha=scale)
+            elif contiguous:
+                target.addmm_(u, b.t(), alpha=scale)
+            else:  # [t, groups, group_width], strided
                 target.add_(matmul_packed(u, b, vb.blocks).view(target.shape), alpha=scale)
     return out
 

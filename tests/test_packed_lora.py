@@ -220,17 +220,27 @@ def test_dense_branch_equals_each_slice_alone_in_float64_math():
     check(run(), expected(), torch.float32, "dense branch after a reload")
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch-matmul", "onednn"])
 @pytest.mark.parametrize("packed", [True, False], ids=["qkv-packed", "one-slice-bd-a"])
-def test_segment_branch_equals_each_slice_alone_in_float64_math(packed):
+def test_segment_branch_equals_each_slice_alone_in_float64_math(packed, onednn):
     """The prefill torch path of collective-free layers (ops.lora_segment_branch), reading each prompt's rows in
     place: runs of adjacent tokens with one slot (a slot's runs not adjacent, tokens without an adapter between),
     slots differing in rank, block count (a BD B of 2 blocks; one slice: a BD A of 2 blocks) and coverage (slot 2
     lacks slice 1), B rows at their fused-output columns of 2 groups (one slice: contiguous columns); checked
     against per-token float64 math, tokens without an adapter, unaddressed columns and the poisoned (NaN) parts of
-    the stacks untouched."""
+    the stacks untouched. onednn: slots of one block per factor through oneDNN-packed factors (as serving layers on
+    CPU pack them), the others (slot 0's 2-block B) through torch."""
     from ops_reference import check, poisoned_stack, reference_expand, reference_shrink
 
-    from megatron_bdlora.lora_batch import ExpandSlice, FactorView, OutputLayout, SlotBatch, SlotViews
+    from megatron_bdlora.frozen_linear import pack_weight
+    from megatron_bdlora.lora_batch import (
+        ExpandSlice,
+        FactorView,
+        OutputLayout,
+        PackedSlotFactors,
+        SlotBatch,
+        SlotViews,
+    )
     from megatron_bdlora.ops import lora_segment_branch
 
     slot_ids = [1, 1, 1, 0, 0, -1, -1, 2, 2, 2, 0, 0, 1, -1]
@@ -254,8 +264,22 @@ def test_segment_branch_equals_each_slice_alone_in_float64_math(packed):
     poison = torch.randn(len(slot_ids), 34, generator=g)  # (up to) 32 fused columns, 2 nobody addresses
 
     assert batch.token_runs == ((1, 0, 3), (0, 3, 5), (2, 7, 10), (0, 10, 12), (1, 12, 13))
+    packed_slots = []
+
+    def onednn_factors(slot):
+        va = SlotViews.interleaved(a_views)[slot]
+        if va.blocks > 1 or any(v[slot] is not None and v[slot].blocks > 1 for v in b_views):
+            return None
+        packed_slots.append(slot)
+        b_slot = [None if v[slot] is None else b[p][slot, : v[slot].rows, : v[slot].cols]
+                  for p, v in enumerate(b_views)]
+        return PackedSlotFactors(pack_weight(a_packed[slot, : va.rows, : va.cols]),
+                                 tuple(None if w is None else pack_weight(w) for w in b_slot))
+
     out = lora_segment_branch(x, poison.clone(), a_packed, a_views,
-                              [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(slices)], batch)
+                              [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(slices)], batch,
+                              onednn_factors if onednn else None)
+    assert sorted(set(packed_slots)) == ([1, 2] if onednn else [])
     want = poison.double()
     for p in range(slices):
         z = reference_shrink(x, a[p], a_views[p], slot_ids)  # [n, 4] in slot order
