@@ -17,6 +17,7 @@ from megatron_bdlora.bench.serving_setup import NONE, PEFT
 from megatron_bdlora.bench.tables import collectives_label, fixed_width_table
 from megatron_bdlora.bench.workload import compare_tokens, percentile
 from megatron_bdlora.config import LoRASettings
+from megatron_bdlora.frozen_linear import onednn_enabled
 
 # (name in the ratio table, other system, target of BD tok/s / other tok/s at TP 1, at TP >= 2) from issue 23
 TARGETS = (
@@ -263,6 +264,7 @@ def environment(threads: int) -> dict:
         host_cpu_count=host["cpu_count"],
         usable_cpu_count=usable_cpu_count(),
         torch_threads_per_rank=threads,
+        onednn_base_matmuls=onednn_enabled(),  # frozen_linear: our engine's base weights through oneDNN, packed
         device="cpu",
         backend="gloo",
         code=dict(repo=str(repo_root()), **code_version()),
