@@ -52,6 +52,7 @@ from megatron_bdlora.ops import (
     lora_segment_branch,
     lora_shrink_packed,
     matmul_packed,
+    with_onednn_factors,
 )
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
 
@@ -381,7 +382,8 @@ class LoRAParallelLinear:
         key = (batch.used_slots, LoRAAdapter.writes)
         if self._dense is None or self._dense[0] != key:
             a_slices = [(ad.lora_A, ad.a_views) for ad in self.lora_adapters]
-            self._dense = key, dense_factors(a_slices, self._expand_slices(), key[0], in_width)
+            factors = dense_factors(a_slices, self._expand_slices(), key[0], in_width)
+            self._dense = key, with_onednn_factors(factors) if is_packed(self) else factors
         return self._dense[1]
 
     def _onednn_slot_factors(self, slot: int) -> PackedSlotFactors | None:

@@ -170,6 +170,7 @@ class DenseFactors:
     a_t: torch.Tensor
     parts: tuple[tuple[int, int, OutputLayout, torch.Tensor], ...]
     row_slots: tuple[int, ...]
+    onednn: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None  # a_t.T and each part's B.T packed for oneDNN
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from megatron_bdlora.frozen_linear import packed_linear
+from megatron_bdlora.frozen_linear import PACKED_DTYPES, pack_weight, packed_linear
 from megatron_bdlora.lora_batch import (
     DenseFactors,
     ExpandSlice,
@@ -50,6 +51,10 @@ GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's 
 # torch path: up to this many tokens, a layer whose plan has no collective runs its whole LoRA branch as two dense
 # matmuls over the step's used slots (lora_dense_branch): ~3 ops per layer instead of ~10 per sub-projection
 DENSE_TOKENS = 64
+# longer steps: dense while used slots x mean tokens per run (prompt) stay within this (collective_free_branch)
+DENSE_SLOT_TOKENS = 256
+# dense branch: above this many tokens, its products run on oneDNN-packed factors where the layer packed them
+ONEDNN_DENSE_TOKENS = 16
 BACKENDS = ("auto", "torch", "triton")
 _backend = "auto"  # set_backend(); the environment variable MEGATRON_BDLORA_LORA_BACKEND sets it at import
 
@@ -187,11 +192,20 @@ def lora_expand_packed(
 
 
 def collective_free_branch(x: torch.Tensor, batch: SlotBatch) -> str | None:
-    """How a collective-free layer runs this step's LoRA on the torch path: "dense" (lora_dense_branch, decode-sized
-    steps) or "segments" (lora_segment_branch, prefill); None: the packed shrink and expand (Triton)."""
+    """How a collective-free layer runs this step's LoRA on the torch path: "dense" (lora_dense_branch) or
+    "segments" (lora_segment_branch); None: the packed shrink and expand (Triton).
+
+    Dense computes every used slot for every token (FLOPs x used slots) in a few large products; segments compute
+    each run of tokens (a prompt) on its own slot only, in many thin products. Decode-sized steps go dense. A longer
+    step goes dense while used slots x tokens per run stay small (short prompts over few adapters: measured on
+    SmolLM2 prefill, 4 slots x ~32-token prompts, dense through oneDNN took 65 ms of LoRA against 110 ms for segments);
+    long prompts or many adapters go to segments."""
     if _triton_for(x):
         return None
-    return "dense" if batch.num_tokens <= DENSE_TOKENS else "segments"
+    if batch.num_tokens <= DENSE_TOKENS:
+        return "dense"
+    runs = len(batch.token_runs)
+    return "dense" if runs and len(batch.used_slots) * batch.num_tokens <= DENSE_SLOT_TOKENS * runs else "segments"
 
 
 def dense_factors(
@@ -221,6 +235,17 @@ def dense_factors(
     return DenseFactors(torch.cat(a_rows).t().contiguous(), tuple(parts), tuple(row_slots))
 
 
+def with_onednn_factors(factors: DenseFactors) -> DenseFactors:
+    """The factors plus their oneDNN-packed forms (A as [rows, in], each part's B as [width, rows]), which
+    lora_dense_branch uses for steps above ONEDNN_DENSE_TOKENS; unchanged where oneDNN cannot take them (empty
+    matrices, dtypes torch already sends to oneDNN)."""
+    weights = [factors.a_t.t()] + [b.t() for _, _, _, b in factors.parts]
+    if factors.a_t.dtype not in PACKED_DTYPES or not all(w.numel() for w in weights):
+        return factors
+    packed = [pack_weight(w) for w in weights]
+    return replace(factors, onednn=(packed[0], tuple(packed[1:])))
+
+
 def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors, batch: SlotBatch) -> torch.Tensor:
     """out += ((x A^T) * M) B in place, M the [tokens, rows] mask of each token's own slot: every token gets its own
     adapter's output (tokens without one get exact zeros), in token order, with no gather or scatter.
@@ -228,14 +253,20 @@ def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors,
     One addmm per sub-projection of contiguous output columns; an interleaved one (q/k/v per query group) is a
     matmul added into its strided columns, so no B is padded to the fused width (at decode sizes the branch costs
     the bytes of the factors it reads, and zero padding would triple q/k/v's)."""
-    z = torch.mm(x, factors.a_t).mul_(batch.slot_mask(factors.row_slots, x.dtype))  # [n, rows]
-    for r0, r1, layout, b in factors.parts:
+    packed = factors.onednn if x.shape[0] > ONEDNN_DENSE_TOKENS else None
+    z = torch.mm(x, factors.a_t) if packed is None else packed_linear(x, packed[0])  # [n, rows]
+    z.mul_(batch.slot_mask(factors.row_slots, x.dtype))
+    for p, (r0, r1, layout, b) in enumerate(factors.parts):
         width = b.shape[1]
         if layout.group_width == width:  # one group: contiguous columns
-            out[:, layout.offset : layout.offset + width].addmm_(z[:, r0:r1], b)
+            target = out[:, layout.offset : layout.offset + width]
+            if packed is None:
+                target.addmm_(z[:, r0:r1], b)
+                continue
         else:
             target = layout.view(out, width)  # [n, groups, group_width], strided
-            target.add_(torch.mm(z[:, r0:r1], b).view(target.shape))
+        y = torch.mm(z[:, r0:r1], b) if packed is None else packed_linear(z[:, r0:r1], packed[1][p])
+        target.add_(y.view(target.shape))
     return out
 
 

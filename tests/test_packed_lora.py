@@ -175,15 +175,20 @@ def test_packed_ops_equal_each_slice_alone_in_float64_math(backend):
     assert torch.equal(out[:, 32:], poison[:, 32:]) and torch.equal(out[2], poison[2])
 
 
-def test_dense_branch_equals_each_slice_alone_in_float64_math():
-    """The decode-sized torch path (ops.lora_dense_branch): three slices whose slots differ in rank, block count
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch-matmul", "onednn"])
+def test_dense_branch_equals_each_slice_alone_in_float64_math(onednn, monkeypatch):
+    """The dense torch path (ops.lora_dense_branch): three slices whose slots differ in rank, block count
     (a BD A factor of 2 blocks) and coverage (slot 2 lacks slice 1), B rows at their fused-output columns of 2
     groups; each token gets its own slot's output in token order, tokens without an adapter and unaddressed columns
-    stay bit-identical, the poisoned (NaN) parts of the stacks are never read, and a reload is picked up."""
+    stay bit-identical, the poisoned (NaN) parts of the stacks are never read, and a reload is picked up.
+    onednn: the factors packed for oneDNN (as serving layers on CPU pack them) and used at this step's size."""
     from ops_reference import check, poisoned_stack, reference_expand, reference_shrink
 
+    from megatron_bdlora import ops
     from megatron_bdlora.lora_batch import ExpandSlice, FactorView, OutputLayout, SlotBatch, SlotViews
-    from megatron_bdlora.ops import dense_factors, lora_dense_branch
+    from megatron_bdlora.ops import dense_factors, lora_dense_branch, with_onednn_factors
+
+    monkeypatch.setattr(ops, "ONEDNN_DENSE_TOKENS", 0)
 
     slot_ids = [1, 0, -1, 2, 0, 1, 2, 0]
     batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids), 3)
@@ -210,6 +215,9 @@ def test_dense_branch_equals_each_slice_alone_in_float64_math():
     def run() -> torch.Tensor:
         slices = [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(3)]
         factors = dense_factors(list(zip(a, a_views)), slices, (0, 1, 2), 16)
+        if onednn:
+            factors = with_onednn_factors(factors)
+            assert factors.onednn is not None
         return lora_dense_branch(x, poison.clone(), factors, batch)
 
     out = run()
@@ -287,3 +295,20 @@ def test_segment_branch_equals_each_slice_alone_in_float64_math(packed, onednn):
     check(out, want, torch.float32, "segment branch")
     assert torch.equal(out[:, 32:], poison[:, 32:])
     assert all(torch.equal(out[t], poison[t]) for t, s in enumerate(slot_ids) if s < 0)
+
+
+def test_collective_free_branch_goes_dense_for_decode_and_short_prompts_over_few_adapters():
+    """Decode-sized steps and prompts short next to the number of adapters take the dense branch (few large
+    products); long prompts, or many adapters, take the segments (each prompt on its own slot only)."""
+    from megatron_bdlora import ops
+    from megatron_bdlora.lora_batch import SlotBatch
+
+    def branch(prompt_slots: list[int], prompt_len: int) -> str:
+        slot_ids = torch.tensor([s for s in prompt_slots for _ in range(prompt_len)])
+        batch = SlotBatch.from_slot_ids(slot_ids, 16)
+        return ops.collective_free_branch(torch.zeros(len(slot_ids), 4), batch)
+
+    assert branch([0, 1, 2, 3, 0, 1, 2, 3], 1) == "dense"  # decode
+    assert branch([0, 1, 2, 3, 0, 1, 2, 3], 32) == "dense"  # 4 adapters x 32-token prompts
+    assert branch(list(range(16)), 32) == "segments"  # 16 adapters
+    assert branch([0, 1, 2, 3], 512) == "segments"  # long prompts
