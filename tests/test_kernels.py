@@ -81,12 +81,24 @@ def test_graph_launch_serves_adapters_loaded_after_its_sizing(kernels):
     assert torch.equal(out[20], poison[20])  # the token without an adapter
 
 
-def test_packed_shrink_is_one_launch_and_reads_the_slices_tables_under_graphs(kernels, monkeypatch):
-    """q/k/v's shrink in one launch: the row-interleaved stack of 3 slices (slot 1 of a lower rank, slot 2 holding
-    only slices 0 and 2) computed as one projection, with today's views and, as in a captured CUDA graph, with the
-    slices' slot tables written after the launch was sized (every slot empty then); each slice against float64."""
+class _CountingKernel:
+    """Stands in for a Triton kernel in `launch`: records each launch, then runs the kernel."""
+
+    def __init__(self, kernel, launches: list[str], name: str) -> None:
+        self.kernel, self.launches, self.name = kernel, launches, name
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+def test_packed_shrink_and_expand_are_one_launch_each_and_read_the_slices_tables_under_graphs(kernels, monkeypatch):
+    """q/k/v in one shrink and one expand launch: the row-interleaved A stack of 3 slices (slot 1 of a lower rank,
+    slot 2 holding only slices 0 and 2) computed as one projection, then every slice's B added into its columns of
+    a fused output of 2 groups [q 8 | k 4 | v 4] at once; with today's views and, as in a captured CUDA graph, with
+    the slices' slot tables written after the launches were sized (every slot empty then); against float64."""
     from megatron_bdlora.kernels import launch
-    from megatron_bdlora.lora_batch import GraphLaunch
+    from megatron_bdlora.lora_batch import ExpandSlice, GraphLaunch
 
     device = "cuda" if ON_GPU else "cpu"
     slot_ids = [1, 0, -1, 2, 0, 1, 2, 0]
@@ -95,23 +107,49 @@ def test_packed_shrink_is_one_launch_and_reads_the_slices_tables_under_graphs(ke
     stacks = [poisoned_stack(v, (4, 16), torch.float32, p) for p, v in enumerate(views)]
     stacks[1][2] = 0  # a slice a slot does not hold has zero rows (LoRAAdapter.clear_slot)
     a = torch.stack(stacks, dim=2).flatten(1, 2).to(device)  # [3 slots, 4 ranks * 3 slices, 16]
-    x = torch.randn(len(slot_ids), 16, generator=torch.Generator().manual_seed(2)).to(device)
-    launches = []
-    real_launch = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda *args, **kw: launches.append(1) or real_launch(*args, **kw))
+    widths = (8, 4, 4)
+    b_views = [SlotViews([FactorView(2 * w, 4), FactorView(2 * w, 2), None if p == 1 else FactorView(2 * w, 4)])
+               for p, w in enumerate(widths)]
+    b = [poisoned_stack(v, (2 * w, 4), torch.float32, 10 + p) for p, (v, w) in enumerate(zip(b_views, widths))]
+    layouts = [OutputLayout(w, 16, off) for w, off in zip(widths, (0, 8, 12))]
+    scalings = torch.tensor([0.5, 2.0, 1.5], device=device)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(len(slot_ids), 16, generator=g).to(device)
+    poison = torch.randn(len(slot_ids), 34, generator=g).to(device)  # 32 fused columns, 2 nobody addresses
+    launches: list[str] = []
+    for name, label in (("lora_shrink_kernel", "shrink"), ("lora_expand_kernel", "expand")):
+        monkeypatch.setattr(launch, name, _CountingKernel(getattr(launch, name), launches, label))
 
     empty = SlotViews([None] * 3)
-    tables = [empty.table(device).clone() for _ in range(3)]
-    graphs = [GraphLaunch(t, max_blocks=1) for t in tables]
-    assert not kernels.shrink_packed(x, a, [empty] * 3, batch, graphs=graphs).any()  # "captured": all slots empty
-    for table, v in zip(tables, views):
+    a_tables = [empty.table(device).clone() for _ in range(3)]
+    b_tables = [empty.table(device).clone() for _ in range(3)]
+    a_graphs = [GraphLaunch(t, max_blocks=1) for t in a_tables]
+    b_graphs = [GraphLaunch(t, max_blocks=1) for t in b_tables]
+
+    def slices(b_slot_views, graphs):
+        return [ExpandSlice(b[p].to(device), b_slot_views[p], scalings, layouts[p], graphs[p]) for p in range(3)]
+
+    z_empty = kernels.shrink_packed(x, a, [empty] * 3, batch, graphs=a_graphs)  # "captured": all slots empty
+    assert not z_empty.any()
+    assert torch.equal(kernels.expand_packed(z_empty, slices([empty] * 3, b_graphs), batch, poison.clone()), poison)
+    for table, v in zip(a_tables + b_tables, views + b_views):
         table.copy_(v.table(device))  # the loads, in place
-    for label, got in (("views", kernels.shrink_packed(x, a, views, batch)),
-                       ("graph tables", kernels.shrink_packed(x, a, [empty] * 3, batch, graphs=graphs))):
+    launches.clear()
+    for label, z, expand_slices in (
+        ("views", kernels.shrink_packed(x, a, views, batch), slices(b_views, [None] * 3)),
+        ("graph tables", kernels.shrink_packed(x, a, [empty] * 3, batch, graphs=a_graphs),
+         slices([empty] * 3, b_graphs)),
+    ):
         for p in range(3):
             want = reference_shrink(x.cpu(), stacks[p], views[p], slot_ids)
-            check(got[:, p::3].cpu(), want, torch.float32, f"packed shrink ({label}), slice {p}")
-    assert len(launches) == 3  # one per call
+            check(z[:, p::3].cpu(), want, torch.float32, f"packed shrink ({label}), slice {p}")
+        out = kernels.expand_packed(z, expand_slices, batch, poison.clone())
+        want = poison.cpu().double()
+        for p in range(3):
+            want = reference_expand(want, z[:, p::3].cpu(), b[p], b_views[p], scalings.cpu(), slot_ids, layouts[p])
+        check(out.cpu(), want, torch.float32, f"packed expand ({label})")
+        assert torch.equal(out[:, 32:], poison[:, 32:]) and torch.equal(out[2], poison[2])
+    assert launches == ["shrink", "shrink", "expand", "expand"]  # one launch per call, whatever the slices
 
 
 def test_layer_tables_follow_loads_in_place():
@@ -168,3 +206,17 @@ def test_the_repository_root_shadows_no_installed_distribution():
     importable = {p.stem for p in root.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"}
     shadowed = sorted(name for name in importable - {"megatron_bdlora"} if name in packages_distributions())
     assert not shadowed, f"{root} holds {shadowed}, which hide the installed packages of those names"
+
+
+def test_kernels_compile_for_a_cuda_target_without_a_gpu():
+    """Triton's compiler (with its bundled ptxas) builds every kernel variant serving uses for sm_90: what the
+    interpreter cannot reject (tuples of pointers, structured exits, constexpr branches) is checked on CPU too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("kernel_compile.py")
+    done = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("chars of PTX") == 10, done.stdout

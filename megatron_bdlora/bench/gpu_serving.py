@@ -63,7 +63,7 @@ TINY_WIDTHS = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, 
 BASE_NAME = "random-llama"
 LOGIT_TOLERANCE = 1e-4  # max |served - reference| / max |reference| over a request's steps
 STEP_RANGE, LORA_RANGE = "bdlora::engine_step", "bdlora::lora"  # profiler ranges of the speed part
-LORA_KERNEL = "segment_lora_kernel"  # megatron_bdlora/kernels/segment_lora.py (the GPU path's only LoRA kernel)
+LORA_KERNELS = ("lora_shrink_kernel", "lora_expand_kernel")  # megatron_bdlora/kernels/segment_lora.py (the GPU path's)
 
 
 def llama_config(widths: dict, layers: int, vocab: int) -> dict:
@@ -545,7 +545,7 @@ def lora_share(prof: Any) -> dict:
         dev_lora = sum(e.device_time_total for e in lora)
         device_events = [e for e in events
                          if e.device_type == DeviceType.CUDA and e.name not in (STEP_RANGE, LORA_RANGE)]
-        dev_kernel = sum(e.time_range.elapsed_us() for e in device_events if LORA_KERNEL in e.name)
+        dev_kernel = sum(e.time_range.elapsed_us() for e in device_events if any(k in e.name for k in LORA_KERNELS))
         kernels_total = sum(e.time_range.elapsed_us() for e in device_events)
         out.update(device_ms_per_step=dev_step / 1e3 / n, device_lora_share=dev_lora / dev_step if dev_step else None,
                    device_lora_kernel_share=dev_kernel / dev_step if dev_step else None,
@@ -802,7 +802,8 @@ def speed_markdown(data: dict, rows: list[dict], ratio_rows: list[dict], skipped
                          f"| {_fmt(r['bd_over_peft'], '.3f')} | {_fmt(r['bd_over_replicated'], '.3f')} |")
     if profile:
         where = (f"device time {_fmt(_pct(profile.get('device_lora_share')), '.1f')}% in LoRA ranges "
-                 f"({_fmt(_pct(profile.get('device_lora_kernel_share')), '.1f')}% in {LORA_KERNEL} by name) of "
+                 f"({_fmt(_pct(profile.get('device_lora_kernel_share')), '.1f')}% in "
+                 f"{' and '.join(LORA_KERNELS)} by name) of "
                  f"{_fmt(profile.get('device_ms_per_step'), '.2f')} ms per step; "
                  if "device_ms_per_step" in profile else "")
         lines += ["", f"LoRA share of a BD decode step (batch {profile['batch']}, eager, "

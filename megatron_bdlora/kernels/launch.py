@@ -8,11 +8,12 @@ input rows with a handful of tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 
-from megatron_bdlora.kernels.segment_lora import segment_lora_kernel
+from megatron_bdlora.kernels.segment_lora import lora_expand_kernel, lora_shrink_kernel
 from megatron_bdlora.lora_batch import ExpandSlice, GraphLaunch, OutputLayout, SlotBatch, SlotViews
 
 
@@ -25,47 +26,61 @@ def _capacity_tiles(rows: int, block_n: int, max_blocks: int) -> int:
     return max(b * triton.cdiv(max(rows // b, 1), block_n) for b in range(1, max_blocks + 1))
 
 
-def _launch(x, weight, out, views, batch, *, shrink, scalings=None, layout=None, in_chunks=1, chunk_stride=0,
-            in_slices=(0, 1), split_k=1, block_m=None, block_n=None, block_k=None, fixed_grid=None,
-            graph: GraphLaunch | None = None):
-    # in_slices (p, P): x's columns are P slices row-interleaved (a packed rank space), this launch reads slice p
-    if x.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("segment LoRA kernel: inputs and outputs need contiguous rows (last stride 1)")
+@dataclass(frozen=True)
+class _Launch:
+    """A launch's grid and tile sizes, and per factor stack its slot table and its first tile on grid axis 1."""
+
+    grid: tuple[int, int, int]
+    block_m: int
+    block_n: int
+    block_k: int
+    tables: tuple[torch.Tensor, ...]
+    first_tiles: tuple[int, ...]  # one per stack, then the end
+
+
+def _plan_launch(batch: SlotBatch, stacks: Sequence[tuple[torch.Tensor, SlotViews, GraphLaunch | None]],
+                 device: torch.device, *, max_block_k: int, split_k: int = 1, block_m: int | None = None,
+                 block_n: int | None = None, block_k: int | None = None,
+                 fixed_grid: bool | None = None) -> _Launch | None:
+    """Size a launch over the output tiles of one or more factor stacks side by side (None: nothing to compute).
+    Under CUDA graphs (GraphLaunch given) the grid fits the stacks' capacity, so adapters loaded after the capture
+    still fit; otherwise it fits today's views."""
     n = batch.num_tokens
+    if n == 0:
+        return None
     block_m = block_m or (16 if n <= 256 else 64)
-    if graph is not None:  # sized for the stack's capacity: adapters loaded after the capture still fit
-        if n == 0:
-            return
-        block_n = block_n or _pow2_between(weight.shape[1], 16, 64)
-        block_k = block_k or _pow2_between(weight.shape[2], 16, 128 if shrink else 64)
-        grid = (triton.cdiv(n, block_m), _capacity_tiles(weight.shape[1], block_n, graph.max_blocks) * split_k,
-                batch.slot_counts.numel())
-        table = graph.table
+    graphed = stacks[0][2] is not None
+    if graphed:
+        block_n = block_n or _pow2_between(max(w.shape[1] for w, _, _ in stacks), 16, 64)
+        block_k = block_k or _pow2_between(max(w.shape[2] for w, _, _ in stacks), 16, max_block_k)
+        tiles = [_capacity_tiles(w.shape[1], block_n, g.max_blocks) for w, _, g in stacks]
+        tables = tuple(g.table for _, _, g in stacks)
     else:
-        live = [v for v in views if v is not None]
-        if not live or n == 0:
-            return
+        live = [v for _, views, _ in stacks for v in views if v is not None]
+        if not live:
+            return None
         block_n = block_n or _pow2_between(max(v.rows // v.blocks for v in live), 16, 64)
-        block_k = block_k or _pow2_between(max(v.cols for v in live), 16, 128 if shrink else 64)
-        tiles = views.output_tiles(block_n)
-        table = views.table(x.device)
-        if x.is_cuda if fixed_grid is None else fixed_grid:  # fixed by the token count and views
-            grid = (triton.cdiv(n, block_m), tiles * split_k, batch.slot_counts.numel())
-        else:  # Triton's interpreter pays per program: launch only the active slots' tiles (host metadata is free)
-            if not batch.segments:
-                return
-            longest = max(stop - start for _, start, stop in batch.segments)
-            grid = (triton.cdiv(longest, block_m), tiles * split_k, len(batch.segments))
-    layout = layout or OutputLayout.contiguous(weight.shape[1])
-    segment_lora_kernel[grid](
-        x, weight, out, scalings if scalings is not None else out,
-        batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots, table,
-        x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
-        in_chunks, chunk_stride, in_slices[1], in_slices[0], layout.group_width, layout.group_stride, layout.offset,
-        X_BY_TOKEN=shrink, OUT_BY_TOKEN=not shrink, HAS_SCALE=scalings is not None, ACCUMULATE=not shrink,
-        SPLIT_K=split_k, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
+        block_k = block_k or _pow2_between(max(v.cols for v in live), 16, max_block_k)
+        tiles = [views.output_tiles(block_n) for _, views, _ in stacks]
+        tables = tuple(views.table(device) for _, views, _ in stacks)
+    first_tiles = tuple(sum(tiles[:p]) * split_k for p in range(len(stacks) + 1))
+    if graphed or (device.type == "cuda" if fixed_grid is None else fixed_grid):  # fixed by tokens and views
+        grid = (triton.cdiv(n, block_m), first_tiles[-1], batch.slot_counts.numel())
+    else:  # Triton's interpreter pays per program: launch only the active slots' tiles (host metadata is free)
+        if not batch.segments:
+            return None
+        longest = max(stop - start for _, start, stop in batch.segments)
+        grid = (triton.cdiv(longest, block_m), first_tiles[-1], len(batch.segments))
+    return _Launch(grid, block_m, block_n, block_k, tables, first_tiles)
+
+
+def _check_rows(*tensors: torch.Tensor) -> None:
+    if any(t.stride(-1) != 1 for t in tensors):
+        raise ValueError("segment LoRA kernel: inputs and outputs need contiguous rows (last stride 1)")
+
+
+def _precision(weight: torch.Tensor) -> str:
+    return "ieee" if weight.dtype == torch.float32 else "tf32"  # float32 stays exact (no TF32)
 
 
 def default_split_k(num_tokens: int, cols: int) -> int:
@@ -89,8 +104,16 @@ def shrink_packed(x: torch.Tensor, weight: torch.Tensor, slices: Sequence[SlotVi
     split_k = split_k or default_split_k(batch.num_tokens, weight.shape[2])
     dtype = torch.float32 if split_k > 1 else x.dtype
     z = torch.zeros(x.shape[0], weight.shape[1], dtype=dtype, device=x.device)
-    _launch(x, weight, z, SlotViews.interleaved(slices), batch, shrink=True, split_k=split_k,
-            graph=_interleaved_graph(graphs, len(slices)), **tiles)
+    _check_rows(x, z)
+    stack = (weight, SlotViews.interleaved(slices), _interleaved_graph(graphs, len(slices)))
+    plan = _plan_launch(batch, [stack], x.device, max_block_k=128, split_k=split_k, **tiles)
+    if plan is not None:
+        lora_shrink_kernel[plan.grid](
+            x, weight, z, batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots, plan.tables[0],
+            x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), z.stride(0),
+            SPLIT_K=split_k, PRECISION=_precision(weight),
+            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        )
     return z
 
 
@@ -116,9 +139,22 @@ def expand(z: torch.Tensor, weight: torch.Tensor, views: SlotViews, scalings: to
 
 def expand_packed(z: torch.Tensor, slices: Sequence[ExpandSlice], batch: SlotBatch, out: torch.Tensor,
                   in_chunks: int = 1, **tiles) -> torch.Tensor:
-    """ops.lora_expand_packed on the GPU: one launch per slice, reading its interleaved columns of z."""
-    for p, sl in enumerate(slices):
-        _launch(z, sl.weight, out, sl.views, batch, shrink=False, scalings=sl.scalings, layout=sl.layout,
-                in_chunks=in_chunks, chunk_stride=z.shape[1] // in_chunks, in_slices=(p, len(slices)),
-                graph=sl.graph, **tiles)
+    """ops.lora_expand_packed on the GPU in one launch for all slices (slice p reads z's interleaved columns
+    j * P + p and adds into its own output columns): grid axis 1 holds each slice's output tiles in turn."""
+    _check_rows(z, out)
+    stacks = [(sl.weight, sl.views, sl.graph) for sl in slices]
+    plan = _plan_launch(batch, stacks, z.device, max_block_k=64, **tiles)
+    if plan is None:
+        return out
+    each = lambda f: tuple(f(sl) for sl in slices)  # noqa: E731  (one value per slice: the kernel's tuples)
+    lora_expand_kernel[plan.grid](
+        z, each(lambda sl: sl.weight), out, each(lambda sl: sl.scalings),
+        batch.order, batch.slot_starts, batch.slot_counts, batch.active_slots, plan.tables,
+        z.stride(0), each(lambda sl: sl.weight.stride(0)), each(lambda sl: sl.weight.stride(1)),
+        each(lambda sl: sl.weight.stride(2)), out.stride(0), in_chunks, z.shape[1] // in_chunks,
+        each(lambda sl: sl.layout.group_width), each(lambda sl: sl.layout.group_stride),
+        each(lambda sl: sl.layout.offset), plan.first_tiles,
+        SLICES=len(slices), PRECISION=_precision(slices[0].weight),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+    )
     return out
