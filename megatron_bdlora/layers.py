@@ -20,6 +20,7 @@ output, added in place into the base output.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ def init_lora_a(shape: tuple[int, int], seed: int) -> torch.Tensor:
 def adapter_seed(master_seed: int, name: str) -> int:
     """Stable per-adapter seed, independent of TP degree and process."""
     return zlib.crc32(f"{master_seed}/{name}".encode())
+
+
+@functools.lru_cache(maxsize=1024)
+def _table_row(view: FactorView | None) -> torch.Tensor:
+    """A view's row of a slot table ([3] int32, as SlotViews.table), made once per distinct view."""
+    return SlotViews([view]).table()[0]
 
 
 class LoRAAdapter(nn.Module):
@@ -161,8 +168,13 @@ class LoRAAdapter(nn.Module):
                     f"(adapter rank {plan.rank} > the server's max LoRA rank {cap.rank}?)"
                 )
         for param, local, view in ((self.lora_A, a_local, views[0]), (self.lora_B, b_local, views[1])):
-            param[slot].zero_()  # written only once both factors passed: a refused adapter leaves the slot as it was
-            param[slot, : view.rows, : view.cols] = local.to(param.dtype)
+            # written only once both factors passed: a refused adapter leaves the slot as it was; beyond the view
+            # zeroed (what a smaller adapter leaves of a larger one is never read, but a cleared slot is all zeros)
+            param[slot, : view.rows, : view.cols] = local
+            if view.cols < param.shape[2]:
+                param[slot, : view.rows, view.cols :] = 0
+            if view.rows < param.shape[1]:
+                param[slot, view.rows :] = 0
         self.scaling[slot] = scaling
         self._set_views(slot, views)
 
@@ -180,8 +192,8 @@ class LoRAAdapter(nn.Module):
         LoRAAdapter.writes += 1
         self.a_views = self.a_views.replace(slot, views[0])
         self.b_views = self.b_views.replace(slot, views[1])
-        self.a_table[slot] = self.a_views.table()[slot]  # in place: the address a captured graph reads
-        self.b_table[slot] = self.b_views.table()[slot]
+        self.a_table[slot] = _table_row(views[0])  # in place: the address a captured graph reads
+        self.b_table[slot] = _table_row(views[1])
 
     @torch.no_grad()
     def load_full_factors(

@@ -19,7 +19,6 @@ import torch
 from megatron_bdlora.checkpoint.adapters import AdapterFiles, factor_key
 from megatron_bdlora.checkpoint.reader import read_adapter
 from megatron_bdlora.config import ALL_TARGETS, LoRASettings
-from megatron_bdlora.model import lora_layers
 from megatron_bdlora.sharding import Mode, ShardingPlan
 
 
@@ -86,9 +85,10 @@ def load_host_adapter(
 
 
 @torch.no_grad()
-def write_slot(model: torch.nn.Module, slot: int, adapter: HostAdapter | None) -> None:
-    """Put an adapter's slices into `slot` of every LoRA layer (None: clear the slot everywhere)."""
-    for (layer, proj), (module, name) in lora_layers(model).items():
+def write_slot(layers: dict, slot: int, adapter: HostAdapter | None) -> None:
+    """Put an adapter's slices into `slot` of every LoRA layer (None: clear the slot everywhere); `layers`:
+    megatron_bdlora.model.lora_layers(model), walked once by the caller (3 ms of a 19 ms SmolLM2 write)."""
+    for (layer, proj), (module, name) in layers.items():
         lora = module.lora[name]
         if adapter is None or proj not in adapter.plans:
             lora.clear_slot(slot)

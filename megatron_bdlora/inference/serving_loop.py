@@ -62,7 +62,7 @@ from megatron_bdlora.inference.sampling import RequestSamplers, SeededSamplingCo
 from megatron_bdlora.inference.serving_config import ServingConfig
 from megatron_bdlora.layers import LoRAAdapter, LoRAParallelLinear
 from megatron_bdlora.lora_batch import SlotBatch
-from megatron_bdlora.model import build_model, load_base_state_dict
+from megatron_bdlora.model import build_model, load_base_state_dict, lora_layers
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,9 @@ class ServingLoop:
         model.register_forward_pre_hook(self._set_step_slots, with_kwargs=True)  # before the engine captures graphs
         if config.cuda_graphs:
             self._prepare_cuda_graphs(model)
+        layers = lora_layers(model)
         for slot in range(config.max_loras):
-            adapter_slots.write_slot(model, slot, None)
+            adapter_slots.write_slot(layers, slot, None)
         self.engine = build_dynamic_engine(
             model,
             tokenizer,
@@ -283,8 +284,8 @@ class ServingLoop:
             config.max_loras,
             config.max_cpu_loras or config.max_loras,  # vLLM's default; adapters beyond it are re-read when needed
             self._load_agreed,
-            lambda slot, host: adapter_slots.write_slot(model, slot, host),
-            lambda slot: adapter_slots.write_slot(model, slot, None),
+            lambda slot, host: adapter_slots.write_slot(layers, slot, host),
+            lambda slot: adapter_slots.write_slot(layers, slot, None),
         )
         for name, path in config.adapters.items():
             self.pool.register(name, str(path))  # every rank, agreed: a rank that cannot read one fails them all
