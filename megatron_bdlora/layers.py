@@ -34,7 +34,7 @@ from torch import nn
 
 from megatron_bdlora.collectives import all_gather_dim0, gather_rank_intermediates, sum_grad_over_tp
 from megatron_bdlora.config import LoRASettings
-from megatron_bdlora.frozen_linear import PACKED_DTYPES, frozen_forward_impl, is_packed, pack_weight
+from megatron_bdlora.frozen_linear import PACKED_DTYPES, frozen_forward_impl, is_packed
 from megatron_bdlora.lora_batch import (
     DenseFactors,
     ExpandSlice,
@@ -53,6 +53,7 @@ from megatron_bdlora.ops import (
     lora_segment_branch,
     lora_shrink_packed,
     matmul_packed,
+    onednn_slot_factors,
     with_onednn_factors,
 )
 from megatron_bdlora.sharding import Collective, FactorShard, LayerKind, ShardingPlan, packed_to_block_diagonal
@@ -399,23 +400,13 @@ class LoRAParallelLinear:
         return self._dense[1]
 
     def _onednn_slot_factors(self, slot: int) -> PackedSlotFactors | None:
-        """A slot's factors packed for oneDNN (long CPU steps), repacked after any slot write; None for a slot with
-        several blocks per rank (block-diagonal einsum instead) or factors of another dtype."""
+        """ops.onednn_slot_factors of a slot (long CPU steps), cached until the next slot write."""
         cached = self._onednn_slots.get(slot)
-        if cached is not None and cached[0] == LoRAAdapter.writes:
-            return cached[1]
-        adapters = self.lora_adapters
-        va = SlotViews.interleaved([ad.a_views for ad in adapters])[slot]
-        vbs = [ad.b_views[slot] for ad in adapters]
-        factors = None
-        if (va is not None and va.blocks == 1 and all(vb is None or vb.blocks == 1 for vb in vbs)
-                and adapters[0].lora_B.dtype in PACKED_DTYPES):
-            a = pack_weight(self.packed_lora_a()[slot, : va.rows, : va.cols])  # [P * r, C]
-            b = tuple(None if vb is None else pack_weight(ad.lora_B[slot, : vb.rows, : vb.cols])
-                      for ad, vb in zip(adapters, vbs, strict=True))  # [O, r] each
-            factors = PackedSlotFactors(a, b)
-        self._onednn_slots[slot] = (LoRAAdapter.writes, factors)
-        return factors
+        if cached is None or cached[0] != LoRAAdapter.writes:
+            factors = onednn_slot_factors(self.packed_lora_a(), [ad.a_views for ad in self.lora_adapters],
+                                          self._expand_slices(), slot)
+            cached = self._onednn_slots[slot] = (LoRAAdapter.writes, factors)
+        return cached[1]
 
     def packed_lora_a(self) -> torch.Tensor:
         """[slots, P * R, C]: the P adapters' A stacks in one storage, rank rows interleaved (row j of adapter p at

@@ -246,6 +246,24 @@ def with_onednn_factors(factors: DenseFactors) -> DenseFactors:
     return replace(factors, onednn=(packed[0], tuple(packed[1:])))
 
 
+def onednn_slot_factors(
+    a_packed: torch.Tensor, a_slices: Sequence[SlotViews], expand: Sequence[ExpandSlice], slot: int
+) -> PackedSlotFactors | None:
+    """One slot's factors packed for oneDNN, for lora_segment_branch; None for a slot with several blocks per rank
+    (the block-diagonal einsum instead), an empty slot, or dtypes torch already sends to oneDNN."""
+    va = SlotViews.interleaved(a_slices)[slot]
+    vbs = [sl.views[slot] for sl in expand]
+    if va is None or va.blocks > 1 or any(vb is not None and vb.blocks > 1 for vb in vbs):
+        return None
+    if a_packed.dtype not in PACKED_DTYPES:
+        return None
+    return PackedSlotFactors(
+        pack_weight(a_packed[slot, : va.rows, : va.cols]),  # [P * r, C]
+        tuple(None if vb is None else pack_weight(sl.weight[slot, : vb.rows, : vb.cols])  # [O, r]
+              for sl, vb in zip(expand, vbs, strict=True)),
+    )
+
+
 def lora_dense_branch(x: torch.Tensor, out: torch.Tensor, factors: DenseFactors, batch: SlotBatch) -> torch.Tensor:
     """out += ((x A^T) * M) B in place, M the [tokens, rows] mask of each token's own slot: every token gets its own
     adapter's output (tokens without one get exact zeros), in token order, with no gather or scatter.
@@ -298,13 +316,14 @@ def lora_segment_branch(
             if vb is None:
                 continue
             u = _rank_space(z, vb.in_width, p, slices, 1)  # [t, r], a view
-            b, scale = sl.weight[slot, : vb.rows, : vb.cols], batch.host_scalings(sl.scalings)[slot]
-            layout = sl.layout
+            scale, layout = batch.host_scalings(sl.scalings)[slot], sl.layout
             contiguous = vb.blocks == 1 and layout.group_width == vb.rows  # one group: contiguous columns
             target = rows[:, layout.offset : layout.offset + vb.rows] if contiguous else layout.view(rows, vb.rows)
             if packed:
                 target.add_(packed_linear(u, packed.b[p]).view(target.shape), alpha=scale)
-            elif contiguous:
+                continue
+            b = sl.weight[slot, : vb.rows, : vb.cols]
+            if contiguous:
                 target.addmm_(u, b.t(), alpha=scale)
             else:  # [t, groups, group_width], strided
                 target.add_(matmul_packed(u, b, vb.blocks).view(target.shape), alpha=scale)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from megatron_bdlora import frozen_linear
 from megatron_bdlora.frozen_linear import frozen_matmul, pack_frozen_linears
-
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -240,16 +240,8 @@ def test_segment_branch_equals_each_slice_alone_in_float64_math(packed, onednn):
     CPU pack them), the others (slot 0's 2-block B) through torch."""
     from ops_reference import check, poisoned_stack, reference_expand, reference_shrink
 
-    from megatron_bdlora.frozen_linear import pack_weight
-    from megatron_bdlora.lora_batch import (
-        ExpandSlice,
-        FactorView,
-        OutputLayout,
-        PackedSlotFactors,
-        SlotBatch,
-        SlotViews,
-    )
-    from megatron_bdlora.ops import lora_segment_branch
+    from megatron_bdlora.lora_batch import ExpandSlice, FactorView, OutputLayout, SlotBatch, SlotViews
+    from megatron_bdlora.ops import lora_segment_branch, onednn_slot_factors
 
     slot_ids = [1, 1, 1, 0, 0, -1, -1, 2, 2, 2, 0, 0, 1, -1]
     batch = SlotBatch.from_slot_ids(torch.tensor(slot_ids), 3)
@@ -273,20 +265,15 @@ def test_segment_branch_equals_each_slice_alone_in_float64_math(packed, onednn):
 
     assert batch.token_runs == ((1, 0, 3), (0, 3, 5), (2, 7, 10), (0, 10, 12), (1, 12, 13))
     packed_slots = []
+    expand = [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(slices)]
 
-    def onednn_factors(slot):
-        va = SlotViews.interleaved(a_views)[slot]
-        if va.blocks > 1 or any(v[slot] is not None and v[slot].blocks > 1 for v in b_views):
-            return None
-        packed_slots.append(slot)
-        b_slot = [None if v[slot] is None else b[p][slot, : v[slot].rows, : v[slot].cols]
-                  for p, v in enumerate(b_views)]
-        return PackedSlotFactors(pack_weight(a_packed[slot, : va.rows, : va.cols]),
-                                 tuple(None if w is None else pack_weight(w) for w in b_slot))
+    def onednn_factors(slot):  # as a serving layer packs them (without its cache); records the slots it packed
+        factors = onednn_slot_factors(a_packed, a_views, expand, slot)
+        if factors is not None:
+            packed_slots.append(slot)
+        return factors
 
-    out = lora_segment_branch(x, poison.clone(), a_packed, a_views,
-                              [ExpandSlice(b[p], b_views[p], scalings, layouts[p]) for p in range(slices)], batch,
-                              onednn_factors if onednn else None)
+    out = lora_segment_branch(x, poison.clone(), a_packed, a_views, expand, batch, onednn_factors if onednn else None)
     assert sorted(set(packed_slots)) == ([1, 2] if onednn else [])
     want = poison.double()
     for p in range(slices):

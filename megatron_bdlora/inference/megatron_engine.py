@@ -176,7 +176,7 @@ def build_dynamic_engine(
     )
     wrapper = _UnpaddedVocabGPTInferenceWrapper(model, wrapper_config, context)
     wrapper.prep_model_for_inference()  # eval mode, context reset
-    if not cuda_graphs and next(model.parameters()).device.type == "cpu":
+    if next(model.parameters()).device.type == "cpu":
         pack_frozen_linears(model)  # oneDNN with packed weights: 2-4x MKL's matmul on our CPU hosts
     controller = controller_cls(wrapper, HFTokenizerAdapter(tokenizer))
     controller.sampling_rng.manual_seed(random_seed)
